@@ -1,0 +1,90 @@
+"""The run directory: one place per run for its config, split, checkpoints, caches, records and report.
+
+    RUN_DIR/config.json        the RunConfig the run was started with
+    RUN_DIR/split.json         the persisted train/val/test split (shared by every model of the run)
+    RUN_DIR/ee/                the EE-DNN checkpoint (weights.safetensors + spec.json) and its training state
+    RUN_DIR/conventional/      the conventional DNN checkpoint
+    RUN_DIR/calibration/       reliability diagrams and calibration.json
+    RUN_DIR/cache/             cached calibrated probabilities of every exit, per distortion level
+    RUN_DIR/records.parquet    offline per-sample records; summary.csv the aggregates
+    RUN_DIR/online/            online (served) records
+    RUN_DIR/figures/, report.md, report.html
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeexit.config import RunConfig
+from edgeexit.errors import UserError
+from edgeexit.model.checkpoint import atomic_write_bytes
+
+__all__ = ["RunDir"]
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths inside one run directory."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def split(self) -> Path:
+        return self.root / "split.json"
+
+    @property
+    def ee(self) -> Path:
+        return self.root / "ee"
+
+    @property
+    def conventional(self) -> Path:
+        return self.root / "conventional"
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / "calibration"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def records(self) -> Path:
+        return self.root / "records.parquet"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.csv"
+
+    @property
+    def online(self) -> Path:
+        return self.root / "online"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    def model_dir(self, which: str) -> Path:
+        """`ee` or `conventional`."""
+        if which not in ("ee", "conventional"):
+            raise UserError(f"unknown model {which!r}; known: ee, conventional")
+        return self.root / which
+
+    def save_config(self, cfg: RunConfig) -> None:
+        """Record the config the run uses (atomically)."""
+        atomic_write_bytes(self.config, json.dumps(cfg.to_dict(), indent=2, sort_keys=True).encode())
+
+    def load_config(self) -> RunConfig:
+        """The config recorded in the run directory."""
+        if not self.config.is_file():
+            raise UserError(f"{self.root} is not a run directory: no config.json (run `edgeexit train` first)")
+        return RunConfig.from_dict(json.loads(self.config.read_text()))
