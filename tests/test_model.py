@@ -9,7 +9,15 @@ import torch
 import torchvision
 
 from edgeexit.errors import UserError
-from edgeexit.model import BACKBONES, build_model, cost_table, load_backbone, load_checkpoint, new_model, save_checkpoint
+from edgeexit.model import (
+    BACKBONES,
+    build_model,
+    cost_table,
+    load_backbone,
+    load_checkpoint,
+    new_model,
+    save_checkpoint,
+)
 from edgeexit.model.adapters import Backbone
 from edgeexit.model.early_exit import EarlyExitNet, group_stages
 from edgeexit.model.heads import make_exit_head

@@ -18,10 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeexit.config import RunConfig
+from edgeexit.data.preprocess import Preprocessing, preprocessing_for
+from edgeexit.data.sources import ImageDataset, load_dataset
+from edgeexit.data.splits import Split, make_split
 from edgeexit.errors import UserError
 from edgeexit.model.checkpoint import atomic_write_bytes
 
-__all__ = ["RunDir"]
+__all__ = ["RunDir", "prepare_data"]
 
 
 @dataclass(frozen=True)
@@ -88,3 +91,20 @@ class RunDir:
         if not self.config.is_file():
             raise UserError(f"{self.root} is not a run directory: no config.json (run `edgeexit train` first)")
         return RunConfig.from_dict(json.loads(self.config.read_text()))
+
+
+def prepare_data(cfg: RunConfig, run: RunDir) -> tuple[ImageDataset, Split, Preprocessing]:
+    """The run's dataset, its persisted split (made from the config's seed on first use) and preprocessing."""
+    ds = load_dataset(cfg.dataset.name, cfg.dataset.root)
+    if run.split.is_file():
+        split = Split.load(run.split)
+        n = max(int(split.train.max(initial=-1)), int(split.val.max(initial=-1)), int(split.test.max(initial=-1)))
+        if n >= len(ds) or split.seed != cfg.dataset.split_seed:
+            raise UserError(
+                f"{run.split} does not belong to dataset {cfg.dataset.name!r} with split seed "
+                f"{cfg.dataset.split_seed}: use another run directory"
+            )
+    else:
+        split = make_split(ds.labels, cfg.dataset.split_seed)
+        split.save(run.split)
+    return ds, split, preprocessing_for(ds, cfg.dataset.input_size)

@@ -1,0 +1,1 @@
+"""Offline evaluation: logit cache, policy sweep, per-sample records, aggregation with confidence intervals."""

@@ -1,0 +1,154 @@
+"""Aggregation of per-sample records into per-configuration metrics with 95% confidence intervals.
+
+Proportions (accuracy, early-exit probability, edge accuracy) get Wilson score intervals; means (MACs,
+inference time) get Student-t intervals. FLOPs are reported as 2 x MACs (one multiply-add = 2 FLOPs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from edgeexit.errors import UserError
+
+GROUP_KEYS = ("dataset", "distortion", "level", "strategy", "alpha", "k")
+_NEEDED = ("correct", "at_edge", "macs", "outcome")
+
+
+def _check_confidence(confidence: float) -> float:
+    c = float(confidence)
+    if not 0.0 < c < 1.0:
+        raise UserError(f"confidence level must be in (0, 1), e.g. 0.95; got {confidence!r}")
+    return c
+
+
+def wilson_interval(successes: Any, n: Any, confidence: float = 0.95) -> tuple[Any, Any]:
+    """Wilson score interval (lo, hi) of successes/n, vectorised; NaN where n == 0."""
+    c = _check_confidence(confidence)
+    s = np.asarray(successes, dtype=np.float64)
+    m = np.asarray(n, dtype=np.float64)
+    if np.any(s < 0) or np.any(s > m):
+        raise ValueError("successes must lie in [0, n]")
+    z = stats.norm.ppf(0.5 + 0.5 * c)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = s / m
+        denom = 2.0 * (m + z * z)
+        center = (2.0 * m * p + z * z) / denom
+        delta = z / denom * np.sqrt(4.0 * m * p * (1.0 - p) + z * z)
+        # The bounds are exactly 0 / 1 at the extremes; the formula only reaches them up to rounding.
+        lo = np.where(s == 0, 0.0, np.clip(center - delta, 0.0, 1.0))
+        hi = np.where(s == m, 1.0, np.clip(center + delta, 0.0, 1.0))
+    lo = np.where(m > 0, lo, np.nan)
+    hi = np.where(m > 0, hi, np.nan)
+    if lo.ndim == 0:
+        return float(lo), float(hi)
+    return lo, hi
+
+
+def _t_half_width(std: np.ndarray, n: np.ndarray, confidence: float) -> np.ndarray:
+    """Half-width t_{(1+c)/2, n-1} * std / sqrt(n); 0 for n == 1, NaN for n == 0."""
+    n = np.asarray(n, dtype=np.float64)
+    std = np.asarray(std, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = stats.t.ppf(0.5 + 0.5 * confidence, np.where(n > 1, n - 1, 1))
+        half = q * std / np.sqrt(n)
+    half = np.where(n == 1, 0.0, half)
+    return np.where(n > 0, half, np.nan)
+
+
+def t_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, lo, hi): Student-t interval of the mean, ignoring NaN values.
+
+    With one value there is no spread estimate and the interval is degenerate: lo = hi = mean.
+    With no (non-NaN) values all three are NaN.
+    """
+    c = _check_confidence(confidence)
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(v.mean())
+    std = float(v.std(ddof=1)) if v.size > 1 else 0.0
+    half = float(_t_half_width(np.array(std), np.array(v.size), c))
+    return mean, mean - half, mean + half
+
+
+def summarize(
+    records: pd.DataFrame, by: Sequence[str] = GROUP_KEYS, confidence: float = 0.95
+) -> pd.DataFrame:
+    """One row per group of `by`: n, accuracy, early-exit probability, edge accuracy, MACs/GFLOPs, time, CIs.
+
+    Columns: n, accuracy(+_lo/_hi, Wilson), early_exit_prob(+_lo/_hi, Wilson; share answered at the edge),
+    n_edge, edge_accuracy(+_lo/_hi, Wilson; among edge answers, NaN when none), mean_macs(+_lo/_hi, t),
+    mean_gflops(+_lo/_hi; GFLOPs = 2 x MACs / 1e9), offload_failed_share, and, when any record has a
+    time, n_timed and mean_time_ms(+_lo/_hi, t over the records that have one).
+    """
+    c = _check_confidence(confidence)
+    by = list(by)
+    missing = [col for col in [*by, *_NEEDED] if col not in records.columns]
+    if missing:
+        raise UserError(f"records lack columns {missing} needed to summarize by {by}")
+    has_time = "time_ms" in records.columns and bool(records["time_ms"].notna().any())
+
+    df = pd.DataFrame({key: records[key] for key in by})
+    correct = records["correct"].astype(bool).to_numpy()
+    at_edge = records["at_edge"].astype(bool).to_numpy()
+    df["_correct"] = correct.astype(np.int64)
+    df["_edge"] = at_edge.astype(np.int64)
+    df["_edge_correct"] = (correct & at_edge).astype(np.int64)
+    df["_macs"] = records["macs"].to_numpy(dtype=np.float64)
+    df["_failed"] = (records["outcome"].astype(str) == "offload_failed").to_numpy().astype(np.int64)
+    aggs: dict[str, tuple[str, str]] = {
+        "n": ("_correct", "size"),
+        "_correct": ("_correct", "sum"),
+        "_edge": ("_edge", "sum"),
+        "_edge_correct": ("_edge_correct", "sum"),
+        "mean_macs": ("_macs", "mean"),
+        "_macs_std": ("_macs", "std"),
+        "_failed": ("_failed", "sum"),
+    }
+    if has_time:
+        df["_time"] = records["time_ms"].to_numpy(dtype=np.float64)
+        aggs.update(
+            {"n_timed": ("_time", "count"), "mean_time_ms": ("_time", "mean"), "_time_std": ("_time", "std")}
+        )
+
+    # by=() means one group of everything: group by a constant key, dropped again below.
+    keys = by or ["_all"]
+    if not by:
+        df["_all"] = 0
+    g = df.groupby(keys, sort=True, dropna=False, observed=True).agg(**aggs).reset_index()
+
+    n = g["n"].to_numpy(dtype=np.float64)
+    out = g[by].copy()
+    out["n"] = g["n"].astype(np.int64)
+    out["accuracy"] = g["_correct"] / n
+    out["accuracy_lo"], out["accuracy_hi"] = wilson_interval(g["_correct"].to_numpy(), n, c)
+    out["early_exit_prob"] = g["_edge"] / n
+    out["early_exit_prob_lo"], out["early_exit_prob_hi"] = wilson_interval(g["_edge"].to_numpy(), n, c)
+    n_edge = g["_edge"].to_numpy(dtype=np.float64)
+    out["n_edge"] = g["_edge"].astype(np.int64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["edge_accuracy"] = np.where(n_edge > 0, g["_edge_correct"].to_numpy() / n_edge, np.nan)
+    out["edge_accuracy_lo"], out["edge_accuracy_hi"] = wilson_interval(
+        g["_edge_correct"].to_numpy(), n_edge, c
+    )
+    half = _t_half_width(g["_macs_std"].fillna(0.0).to_numpy(), n, c)
+    out["mean_macs"] = g["mean_macs"]
+    out["mean_macs_lo"] = g["mean_macs"] - half
+    out["mean_macs_hi"] = g["mean_macs"] + half
+    for suffix in ("", "_lo", "_hi"):
+        out[f"mean_gflops{suffix}"] = 2.0 * out[f"mean_macs{suffix}"] / 1e9
+    out["offload_failed_share"] = g["_failed"] / n
+    if has_time:
+        n_t = g["n_timed"].to_numpy(dtype=np.float64)
+        half_t = _t_half_width(g["_time_std"].fillna(0.0).to_numpy(), n_t, c)
+        out["n_timed"] = g["n_timed"].astype(np.int64)
+        out["mean_time_ms"] = g["mean_time_ms"]
+        out["mean_time_ms_lo"] = g["mean_time_ms"] - half_t
+        out["mean_time_ms_hi"] = g["mean_time_ms"] + half_t
+    return out.reset_index(drop=True)

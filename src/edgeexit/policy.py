@@ -1,0 +1,269 @@
+"""Exit rules of an early-exit net at the edge: one implementation for the offline sweep and the edge runner.
+
+A `Policy` looks at the calibrated softmax outputs of edge exits 1..i and says, per sample, whether the
+edge answers now. The offline path (`apply_policy`) calls it for i = 1..k on a whole cached batch; the
+edge runner calls it after each branch with batch size 1 and stops at the first stop. Decisions are
+row-independent, so both paths take the same decisions for the same inputs.
+
+Deviation from the paper's Eq. 1: the ensemble weights (each branch's *validation* accuracy) are
+renormalised to sum to 1 over the k branches used, so the ensemble's confidence is a probability
+and can be compared with alpha in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from edgeexit.errors import UserError
+from edgeexit.registry import Registry
+
+CLOUD = 0
+STRATEGIES = ("ee", "ensemble", "ensemble-mean", "entropy", "conventional")
+
+
+@dataclass
+class Decision:
+    """Per-sample decision after one edge exit: stop there or not, with the label and confidence it gives."""
+
+    stop: torch.Tensor  # bool [B]: answer at the edge now
+    label: torch.Tensor  # int64 [B]
+    confidence: torch.Tensor  # float32 [B]
+
+
+@dataclass
+class Outcome:
+    """Where each sample of a batch was answered, after how many edge heads, with which label/confidence."""
+
+    exit: torch.Tensor  # int64 [B]: 1..k = answered at that edge exit; 0 (CLOUD) = answered by the final exit
+    heads: torch.Tensor  # int64 [B]: edge exit heads evaluated
+    label: torch.Tensor  # int64 [B]
+    confidence: torch.Tensor  # float32 [B]
+
+    @property
+    def at_edge(self) -> torch.Tensor:
+        """bool [B]: answered by an edge exit."""
+        return self.exit != CLOUD
+
+
+def _check_probs(probs: Sequence[torch.Tensor], k: int) -> None:
+    # Programming errors of the caller (sweep or edge runner), not user input: plain ValueError.
+    if k < 1:
+        raise ValueError(f"k (edge branches) must be >= 1, got {k}")
+    if not 1 <= len(probs) <= k:
+        raise ValueError(
+            f"decide needs the probabilities of exits 1..i with 1 <= i <= k={k}, got {len(probs)}"
+        )
+    shape = probs[0].shape
+    if len(shape) != 2:
+        raise ValueError(f"exit probabilities must be [B, C], got shape {tuple(shape)}")
+    for p in probs[1:]:
+        if p.shape != shape:
+            raise ValueError(
+                f"all exits must have the same [B, C] shape, got {tuple(shape)} and {tuple(p.shape)}"
+            )
+
+
+def _max_label(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax as int64, max in p's own dtype) of [B, C] probabilities; ties go to the lowest class index."""
+    conf, label = p.max(dim=1)
+    return label.to(torch.int64), conf
+
+
+def _decision(stop: torch.Tensor, label: torch.Tensor, conf: torch.Tensor) -> Decision:
+    # The threshold is compared in the probabilities' own precision; only the reported value is float32.
+    return Decision(stop=stop, label=label, confidence=conf.to(torch.float32))
+
+
+class Policy(ABC):
+    """An exit rule; `decide` is called after edge exit i with the probabilities of exits 1..i."""
+
+    name: str = ""
+    threshold: float
+    decides_every_exit: bool = True
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = _check_threshold(self.name, threshold)
+
+    @abstractmethod
+    def decide(self, probs: Sequence[torch.Tensor], k: int) -> Decision:
+        """Decision after edge exit i = len(probs) (1 <= i <= k) from the probabilities [B, C] of exits 1..i."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(threshold={self.threshold})"
+
+
+def _check_threshold(name: str, threshold: float) -> float:
+    t = float(threshold)
+    if math.isnan(t) or t < 0:
+        raise UserError(f"threshold of strategy {name!r} must be a number >= 0, got {threshold!r}")
+    return t
+
+
+PolicyFactory = Callable[..., Policy]
+POLICIES: Registry[PolicyFactory] = Registry("strategy")
+
+
+@POLICIES.register("ee")
+class MaxProbPolicy(Policy):
+    """EE-DNN (paper Sec. 3.1): stop at exit i when max_c p_i,c >= alpha. alpha > 1 never stops."""
+
+    name = "ee"
+    decides_every_exit = True
+
+    def decide(self, probs: Sequence[torch.Tensor], k: int) -> Decision:
+        """Stop where the current exit's top probability reaches the threshold."""
+        _check_probs(probs, k)
+        label, conf = _max_label(probs[-1])
+        return _decision(conf >= self.threshold, label, conf)
+
+
+@POLICIES.register("entropy")
+class EntropyPolicy(Policy):
+    """BranchyNet: stop at exit i when the normalised entropy H(p_i) / log(C) <= threshold (in [0, 1])."""
+
+    name = "entropy"
+    decides_every_exit = True
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__(threshold)
+        if self.threshold > 1:
+            raise UserError(f"entropy threshold must be in [0, 1] (normalised entropy), got {threshold!r}")
+
+    def decide(self, probs: Sequence[torch.Tensor], k: int) -> Decision:
+        """Stop where the current exit's normalised entropy is at most the threshold; confidence = max p."""
+        _check_probs(probs, k)
+        p = probs[-1]
+        label, conf = _max_label(p)
+        num_classes = p.shape[1]
+        entropy = -torch.special.xlogy(p.double(), p.double()).sum(dim=1)  # 0 log 0 = 0
+        # One class: no uncertainty possible; the normalised entropy is 0 by convention.
+        norm = entropy / math.log(num_classes) if num_classes > 1 else torch.zeros_like(entropy)
+        return _decision(norm.clamp(0.0, 1.0) <= self.threshold, label, conf)
+
+
+class _EnsemblePolicy(Policy):
+    """Branch ensemble (paper Sec. 3.2): decide once, after branch k, on p_E = sum_j w_j p_j (w sums to 1)."""
+
+    decides_every_exit = False
+
+    def _weights(self, k: int) -> list[float]:
+        raise NotImplementedError
+
+    def decide(self, probs: Sequence[torch.Tensor], k: int) -> Decision:
+        """Before exit k: never stop (current exit's label); at exit k: stop if max p_E >= threshold."""
+        _check_probs(probs, k)
+        if len(probs) < k:
+            label, conf = _max_label(probs[-1])
+            return _decision(torch.zeros_like(label, dtype=torch.bool), label, conf)
+        weights = self._weights(k)
+        # Accumulate exit by exit (elementwise) so a batch and a single sample give bit-identical sums.
+        p_e = torch.zeros_like(probs[0], dtype=torch.float64)
+        for w, p in zip(weights, probs, strict=True):
+            p_e = p_e + w * p.double()
+        label, conf = _max_label(p_e)
+        return _decision(conf >= self.threshold, label, conf)
+
+
+@POLICIES.register("ensemble")
+class WeightedEnsemblePolicy(_EnsemblePolicy):
+    """Eq. 1 with each branch weighted by its validation accuracy, renormalised over the k branches used."""
+
+    name = "ensemble"
+
+    def __init__(self, threshold: float, ensemble_weights: Sequence[float] | None = None) -> None:
+        super().__init__(threshold)
+        if ensemble_weights is None or len(ensemble_weights) == 0:
+            raise UserError("strategy 'ensemble' needs ensemble_weights (each branch's validation accuracy)")
+        ws = [float(w) for w in ensemble_weights]
+        if any(not math.isfinite(w) or w < 0 for w in ws):
+            raise UserError(f"ensemble weights must be finite and >= 0, got {list(ensemble_weights)}")
+        self.ensemble_weights = ws
+
+    def _weights(self, k: int) -> list[float]:
+        if len(self.ensemble_weights) < k:
+            raise UserError(
+                f"strategy 'ensemble' with k={k} needs {k} ensemble weights, got {len(self.ensemble_weights)}"
+            )
+        first = self.ensemble_weights[:k]
+        total = sum(first)
+        if total <= 0:
+            raise UserError(f"the first k={k} ensemble weights must not all be zero, got {first}")
+        return [w / total for w in first]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(threshold={self.threshold}, ensemble_weights={self.ensemble_weights})"
+
+
+@POLICIES.register("ensemble-mean")
+class MeanEnsemblePolicy(_EnsemblePolicy):
+    """Branch ensemble with equal weights 1/k (Qendro et al.)."""
+
+    name = "ensemble-mean"
+
+    def _weights(self, k: int) -> list[float]:
+        return [1.0 / k] * k
+
+
+@POLICIES.register("conventional")
+class ConventionalPolicy(Policy):
+    """The conventional DNN runs wholly in the cloud: the edge never answers."""
+
+    name = "conventional"
+    decides_every_exit = False
+
+    def decide(self, probs: Sequence[torch.Tensor], k: int) -> Decision:
+        """Never stop at the edge (label/confidence of the given exit, for completeness)."""
+        _check_probs(probs, k)
+        label, conf = _max_label(probs[-1])
+        return _decision(torch.zeros_like(label, dtype=torch.bool), label, conf)
+
+
+def make_policy(name: str, threshold: float, ensemble_weights: Sequence[float] | None = None) -> Policy:
+    """The policy registered as `name` with its threshold; only 'ensemble' uses `ensemble_weights`."""
+    factory = POLICIES.get(name)
+    if name == "ensemble":
+        return factory(threshold, ensemble_weights)
+    return factory(threshold)
+
+
+def apply_policy(policy: Policy, edge_probs: Sequence[torch.Tensor], final_probs: torch.Tensor) -> Outcome:
+    """Vectorised offline path: run `policy` over k = len(edge_probs) exits; unstopped samples go to the cloud.
+
+    For 'conventional' pass edge_probs=[] and the conventional DNN's probabilities as final_probs.
+    """
+    k = len(edge_probs)
+    if final_probs.dim() != 2:
+        raise ValueError(f"final_probs must be [B, C], got shape {tuple(final_probs.shape)}")
+    if isinstance(policy, ConventionalPolicy):
+        if k:
+            raise ValueError(
+                "strategy 'conventional' uses no edge exits: pass edge_probs=[] and its own probabilities"
+            )
+    elif k < 1:
+        raise ValueError(f"strategy {policy.name!r} needs at least one edge exit's probabilities")
+    elif edge_probs[0].shape[0] != final_probs.shape[0]:
+        raise ValueError(
+            f"edge and final batch sizes differ: {edge_probs[0].shape[0]} vs {final_probs.shape[0]}"
+        )
+
+    label, confidence = _max_label(final_probs)
+    confidence = confidence.to(torch.float32)
+    batch = final_probs.shape[0]
+    device = final_probs.device
+    exit_ = torch.full((batch,), CLOUD, dtype=torch.int64, device=device)
+    heads = torch.full((batch,), k, dtype=torch.int64, device=device)
+    pending = torch.ones(batch, dtype=torch.bool, device=device)
+    for i in range(1, k + 1):
+        decision = policy.decide(edge_probs[:i], k)
+        take = pending & decision.stop.to(device)
+        exit_[take] = i
+        heads[take] = i
+        label[take] = decision.label.to(device)[take]
+        confidence[take] = decision.confidence.to(device)[take]
+        pending &= ~take
+    return Outcome(exit=exit_, heads=heads, label=label, confidence=confidence)
