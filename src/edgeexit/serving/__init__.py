@@ -1,0 +1,1 @@
+"""Serving: wire format, cloud server, edge runner, HTTP client, link emulator and link probe."""
