@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -82,6 +83,8 @@ def _run_config(args: argparse.Namespace):
         ("model", "backbone"): getattr(args, "backbone", None),
         ("model", "branches"): getattr(args, "branches", None),
         ("model", "weights"): getattr(args, "weights", None),
+        ("model", "head"): getattr(args, "head", None),
+        ("train", "conventional"): getattr(args, "conventional", None),
         ("train", "epochs"): getattr(args, "epochs", None),
         ("train", "device"): getattr(args, "device", None),
     }
@@ -100,9 +103,10 @@ def run_train(args: argparse.Namespace) -> None:
     for model in which:
         spec = train_model(Path(args.out), cfg, model, resume=args.resume)
         acc = spec.metrics.get("test_accuracy")
-        print(
-            f"{model}: checkpoint {Path(args.out) / model} (hash {spec.content_hash}); test accuracy per exit: {acc}"
-        )
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line per model, not per process
+            print(
+                f"{model}: checkpoint {Path(args.out) / model} (hash {spec.content_hash}); test accuracy per exit: {acc}"
+            )
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -118,6 +122,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--branches", type=int)
     p.add_argument("--input-size", type=int)
     p.add_argument("--weights", help="random, imagenet, or a state-dict file")
+    p.add_argument("--head", help="exit head type: bnpool or pool")
+    p.add_argument(
+        "--conventional", choices=["separate", "final_exit"], help="how the conventional DNN is made"
+    )
     p.add_argument("--device", help="auto, cpu or cuda")
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "LinkConfig",
     "RunConfig",
     "load_config",
+    "default_config",
     "PAPER_BLUR_LEVELS",
 ]
 
@@ -148,10 +149,22 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**values)
 
 
+def default_config() -> RunConfig:
+    """The embedded default run (configs/default.toml): mnist5k at 32 px, MobileNetV2, 3 branches.
+
+    Its exit heads are `pool` rather than the library default `bnpool`: at 32 px the first branch sits on an
+    8x8x24 map, where a global average pool leaves 24 features; measured on 2 CPU cores, the first exit reached
+    55% test accuracy with `bnpool` and 94% with `pool` (the final exit 97% with either).
+    """
+    cfg = RunConfig()
+    cfg.model.head = "pool"
+    return cfg
+
+
 def load_config(path: str | Path | None = None) -> RunConfig:
-    """The defaults, overridden by a TOML file when given."""
+    """The embedded default run, or a TOML file over the built-in defaults when given."""
     if path is None:
-        return RunConfig()
+        return default_config()
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")

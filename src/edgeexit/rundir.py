@@ -93,18 +93,19 @@ class RunDir:
         return RunConfig.from_dict(json.loads(self.config.read_text()))
 
 
-def prepare_data(cfg: RunConfig, run: RunDir) -> tuple[ImageDataset, Split, Preprocessing]:
-    """The run's dataset, its persisted split (made from the config's seed on first use) and preprocessing."""
+def prepare_data(cfg: RunConfig, run: RunDir, *, save: bool = True) -> tuple[ImageDataset, Split, Preprocessing]:
+    """The dataset, the run's persisted split (made from the split seed and saved if absent) and preprocessing."""
     ds = load_dataset(cfg.dataset.name, cfg.dataset.root)
     if run.split.is_file():
         split = Split.load(run.split)
-        n = max(int(split.train.max(initial=-1)), int(split.val.max(initial=-1)), int(split.test.max(initial=-1)))
-        if n >= len(ds) or split.seed != cfg.dataset.split_seed:
+        split.check_size(len(ds))
+        if split.seed != cfg.dataset.split_seed:
             raise UserError(
-                f"{run.split} does not belong to dataset {cfg.dataset.name!r} with split seed "
-                f"{cfg.dataset.split_seed}: use another run directory"
+                f"{run.split} was made with split seed {split.seed} but the config asks for "
+                f"{cfg.dataset.split_seed}; use the run's seed or a new run directory"
             )
     else:
         split = make_split(ds.labels, cfg.dataset.split_seed)
-        split.save(run.split)
+        if save:
+            split.save(run.split)
     return ds, split, preprocessing_for(ds, cfg.dataset.input_size)

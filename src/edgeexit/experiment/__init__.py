@@ -1,0 +1,1 @@
+"""The paper's experiment end to end: the `reproduce` pipeline, online runs, figures and the report."""

@@ -1,0 +1,236 @@
+"""Temperature scaling per exit (or one global temperature), fitted on the validation split, and its report.
+
+`calibrated_probs` is the one place that turns logits into calibrated probabilities: the offline evaluation
+and the edge/cloud servers all call it, so both paths apply exactly the same temperatures.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from torchmetrics.classification import MulticlassCalibrationError
+
+from edgeexit.config import CalibrationConfig, RunConfig
+from edgeexit.data import ImageDataset, Preprocessing
+from edgeexit.errors import UserError
+from edgeexit.model import load_checkpoint, save_checkpoint
+from edgeexit.model.checkpoint import SPEC, atomic_write_bytes
+from edgeexit.rundir import RunDir, prepare_data
+from edgeexit.train.loop import collect_logits, load_split_data, resolve_device
+
+__all__ = ["fit_temperature", "expected_calibration_error", "calibrate_run", "calibrated_probs", "MODES"]
+
+log = logging.getLogger(__name__)
+
+MODES = ("per_exit", "global")
+
+
+def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if logits.ndim != 2 or labels.ndim != 1 or logits.shape[0] != labels.shape[0] or logits.shape[0] == 0:
+        raise UserError(
+            f"expected logits [n, classes] and labels [n] with n > 0, got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
+    """The temperature T > 0 minimising the NLL of softmax(logits / T) (LBFGS over log T, from T = 1)."""
+    _check_logits(logits, labels)
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise UserError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    z = logits.detach().to(torch.float64).cpu()
+    y = labels.detach().to(torch.int64).cpu()
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [log_t],
+        lr=1.0,
+        max_iter=max_iter,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(log_t.detach().exp())
+    if not math.isfinite(t) or t <= 0:
+        log.warning("temperature fit diverged (T = %s); keeping T = 1", t)
+        return 1.0
+    return t
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE (L1, `bins` equal-width confidence bins) of class probabilities [n, C], via torchmetrics."""
+    _check_logits(probs, labels)
+    metric = MulticlassCalibrationError(num_classes=probs.shape[1], n_bins=bins, norm="l1")
+    return float(metric(probs.detach().float().cpu(), labels.detach().long().cpu()))
+
+
+def calibrated_probs(
+    logits: Sequence[torch.Tensor], temperatures: Sequence[float] | None
+) -> list[torch.Tensor]:
+    """softmax(z_i / T_i) for each exit's logits; `temperatures` None -> plain softmax. One T per logits tensor."""
+    if temperatures is None:
+        return [torch.softmax(z, dim=-1) for z in logits]
+    if len(temperatures) != len(logits):
+        raise UserError(
+            f"got {len(logits)} logits tensors but {len(temperatures)} temperatures; need one per exit"
+        )
+    if any(not math.isfinite(float(t)) or float(t) <= 0 for t in temperatures):
+        raise UserError(f"temperatures must be finite and > 0, got {list(temperatures)}")
+    return [torch.softmax(z / float(t), dim=-1) for z, t in zip(logits, temperatures, strict=True)]
+
+
+def _check_cal_config(c: CalibrationConfig) -> None:
+    if c.mode not in MODES:
+        raise UserError(f"unknown calibration.mode {c.mode!r}; accepted: {', '.join(MODES)}")
+    if not isinstance(c.bins, int) or c.bins < 1:
+        raise UserError(f"calibration.bins must be an integer >= 1, got {c.bins!r}")
+    if not isinstance(c.max_iter, int) or c.max_iter < 1:
+        raise UserError(f"calibration.max_iter must be an integer >= 1, got {c.max_iter!r}")
+
+
+def _reliability_png(
+    before: torch.Tensor,
+    after: torch.Tensor,
+    labels: torch.Tensor,
+    bins: int,
+    title: str,
+    eces: tuple[float, float],
+) -> bytes:
+    """Two panels (before / after scaling): accuracy per confidence bin against the diagonal."""
+    fig = Figure(figsize=(9, 4.2))
+    axes = fig.subplots(1, 2, sharey=True)
+    edges = torch.linspace(0, 1, bins + 1)
+    centers = ((edges[:-1] + edges[1:]) / 2).numpy()
+    for ax, probs, name, ece in zip(axes, (before, after), ("before", "after"), eces, strict=True):
+        conf, pred = probs.max(1)
+        correct = (pred == labels).float()
+        idx = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, bins - 1)
+        count = torch.bincount(idx, minlength=bins).float()
+        acc = torch.bincount(idx, weights=correct, minlength=bins) / count.clamp(min=1)
+        mean_conf = torch.bincount(idx, weights=conf.float(), minlength=bins) / count.clamp(min=1)
+        ax.bar(centers, acc.numpy(), width=1 / bins, edgecolor="black", color="tab:blue", label="accuracy")
+        gap_bottom = torch.minimum(acc, mean_conf).numpy()
+        gap = (acc - mean_conf).abs().numpy()
+        ax.bar(
+            centers,
+            gap,
+            bottom=gap_bottom,
+            width=1 / bins,
+            color="tab:red",
+            alpha=0.3,
+            label="gap to confidence",
+        )
+        ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (max softmax)")
+        ax.set_title(f"{name} temperature scaling (ECE {ece:.3f})")
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left", fontsize="small")
+    fig.suptitle(title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def _calibrate_model(
+    run: RunDir, which: str, cfg: RunConfig, ds: ImageDataset, val_indices: np.ndarray, device: torch.device
+) -> dict[str, Any]:
+    """Fit, report and store one checkpoint's temperatures and ensemble weights."""
+    c = cfg.calibration
+    directory = run.model_dir(which)
+    net, spec = load_checkpoint(directory)
+    if spec.num_classes != len(ds.class_names):
+        raise UserError(
+            f"checkpoint {directory} has {spec.num_classes} classes but dataset {ds.name!r} has {len(ds.class_names)}"
+        )
+    # the model's own preprocessing (spec), not the config's: it is what the model was trained with
+    prep = Preprocessing(spec.input_size, spec.resize_size, tuple(spec.mean), tuple(spec.std))
+    val = load_split_data(ds, val_indices, prep, cfg.train.num_workers)
+    net.to(device)
+    logits, y = collect_logits(net, val, prep, device, desc=f"calibrate {which}")
+    if c.mode == "global":
+        t = fit_temperature(torch.cat(logits), y.repeat(len(logits)), c.max_iter)
+        temps = [t] * len(logits)
+    else:
+        temps = [fit_temperature(z, y, c.max_iter) for z in logits]
+    before = calibrated_probs(logits, None)
+    after = calibrated_probs(logits, temps)
+    acc = [float((z.argmax(1) == y).float().mean()) for z in logits]
+    branch_acc = acc[:-1]
+    if branch_acc:
+        total = sum(branch_acc)
+        ens = [a / total for a in branch_acc] if total > 0 else [1 / len(branch_acc)] * len(branch_acc)
+    else:
+        ens = None
+    exits = []
+    run.calibration.mkdir(parents=True, exist_ok=True)
+    for i, (z, p0, p1, t) in enumerate(zip(logits, before, after, temps, strict=True), start=1):
+        name = "final" if i == len(logits) else str(i)
+        row = {
+            "exit": name,
+            "temperature": t,
+            "val_accuracy": acc[i - 1],
+            "nll_before": float(F.cross_entropy(z, y)),
+            "nll_after": float(F.cross_entropy(z / t, y)),
+            "ece_before": expected_calibration_error(p0, y, c.bins),
+            "ece_after": expected_calibration_error(p1, y, c.bins),
+        }
+        png = run.calibration / f"reliability_{which}_exit_{name}.png"
+        title = f"{which} exit {name}: reliability on the validation split (T = {t:.3f})"
+        atomic_write_bytes(
+            png, _reliability_png(p0, p1, y, c.bins, title, (row["ece_before"], row["ece_after"]))
+        )
+        row["diagram"] = png.name
+        exits.append(row)
+        log.info(
+            "%s exit %s: T %.3f, NLL %.4f -> %.4f, ECE %.4f -> %.4f",
+            which, name, t, row["nll_before"], row["nll_after"], row["ece_before"], row["ece_after"],
+        )  # fmt: skip
+    spec.temperatures = temps
+    spec.ensemble_weights = ens
+    spec.exit_val_accuracy = acc
+    spec = save_checkpoint(directory, net.cpu(), spec)
+    return {
+        "content_hash": spec.content_hash,
+        "val_samples": int(y.numel()),
+        "ensemble_weights": ens,
+        "exits": exits,
+    }
+
+
+def calibrate_run(run_dir: Path, cfg: RunConfig | None = None) -> dict[str, Any]:
+    """Fit temperatures and ensemble weights for the run's EE-DNN (and conventional DNN) on the validation split.
+
+    Stores them in each checkpoint's spec (re-saved: its content hash changes) and writes
+    RUN_DIR/calibration/calibration.json and a reliability diagram per exit. Returns the JSON's content.
+    """
+    run = RunDir(Path(run_dir))
+    if not (run.ee / SPEC).is_file():
+        raise UserError(f"no checkpoint in {run.ee}: run `edgeexit train` first")
+    cfg = cfg if cfg is not None else run.load_config()
+    _check_cal_config(cfg.calibration)
+    ds, split, _ = prepare_data(cfg, run)
+    device = resolve_device(cfg.train.device)
+    report: dict[str, Any] = {"mode": cfg.calibration.mode, "bins": cfg.calibration.bins, "models": {}}
+    for which in ("ee", "conventional"):
+        if (run.model_dir(which) / SPEC).is_file():
+            report["models"][which] = _calibrate_model(run, which, cfg, ds, split.val, device)
+    atomic_write_bytes(run.calibration / "calibration.json", json.dumps(report, indent=2).encode())
+    return report

@@ -1,0 +1,143 @@
+"""Temperature scaling, ECE, calibrated probabilities and `calibrate_run` on a tiny trained run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgeexit.config import RunConfig
+from edgeexit.errors import UserError
+from edgeexit.model import load_checkpoint, load_spec
+from edgeexit.rundir import RunDir
+from edgeexit.train import (
+    calibrate_run,
+    calibrated_probs,
+    expected_calibration_error,
+    fit_temperature,
+    train_model,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _overconfident(n: int, factor: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels drawn from softmax(z); logits returned as z * factor (over-confident by `factor`)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 10, generator=g, dtype=torch.float64) * 2.0
+    labels = torch.multinomial(torch.softmax(z, 1), 1, generator=g).squeeze(1)
+    return z * factor, labels
+
+
+def test_fit_temperature_recovers_known_factor_and_lowers_ece() -> None:
+    val_logits, val_labels = _overconfident(20000, 2.5, seed=0)
+    t = fit_temperature(val_logits, val_labels)
+    assert abs(t - 2.5) / 2.5 < 0.05
+    before = expected_calibration_error(torch.softmax(val_logits, 1), val_labels)
+    after = expected_calibration_error(calibrated_probs([val_logits], [t])[0], val_labels)
+    assert after <= before
+    assert before > 0.1  # the factor really made it over-confident
+
+
+def test_fit_temperature_underconfident_and_identity() -> None:
+    logits, labels = _overconfident(20000, 0.5, seed=1)
+    assert abs(fit_temperature(logits, labels) - 0.5) / 0.5 < 0.05
+    logits, labels = _overconfident(20000, 1.0, seed=2)
+    assert abs(fit_temperature(logits, labels) - 1.0) < 0.05
+
+
+def test_fit_temperature_rejects_bad_shapes() -> None:
+    with pytest.raises(UserError, match="expected logits"):
+        fit_temperature(torch.zeros(4, 3), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(UserError, match="max_iter"):
+        fit_temperature(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), max_iter=0)
+
+
+def test_expected_calibration_error_by_hand() -> None:
+    # every sample has confidence 0.8; 3 of 4 correct -> |0.75 - 0.8| = 0.05
+    probs = torch.tensor([[0.8, 0.2]] * 4)
+    labels = torch.tensor([0, 0, 0, 1])
+    assert expected_calibration_error(probs, labels) == pytest.approx(0.05, abs=1e-6)
+    # two bins: conf 0.9 all right (gap 0.1), conf 0.6 all wrong (gap 0.6): weighted mean 0.35
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.4, 0.6]])
+    labels = torch.tensor([0, 0, 0, 0])
+    assert expected_calibration_error(probs, labels) == pytest.approx(0.35, abs=1e-6)
+
+
+def test_calibrated_probs() -> None:
+    z = [torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.5, 1.5, 0.0]])]
+    plain = calibrated_probs(z, None)
+    assert torch.allclose(plain[0], torch.softmax(z[0], 1))
+    scaled = calibrated_probs(z, [2.0, 0.5])
+    assert torch.allclose(scaled[0], torch.softmax(z[0] / 2.0, 1))
+    assert torch.allclose(scaled[1], torch.softmax(z[1] / 0.5, 1))
+    assert scaled[0].max() < plain[0].max()  # T > 1 softens
+    with pytest.raises(UserError, match="one per exit"):
+        calibrated_probs(z, [1.0])
+    with pytest.raises(UserError, match="> 0"):
+        calibrated_probs(z, [1.0, 0.0])
+
+
+def test_calibrate_before_train_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="run `edgeexit train` first"):
+        calibrate_run(tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunConfig]:
+    cfg = RunConfig()
+    cfg.dataset.name = "digits"
+    cfg.dataset.input_size = 16
+    cfg.train.epochs = 2
+    cfg.train.batch_size = 128
+    cfg.train.lr = 5e-3
+    cfg.train.conventional = "final_exit"  # a conventional checkpoint without a second training
+    run = tmp_path_factory.mktemp("cal") / "run"
+    train_model(run, cfg, "ee")
+    train_model(run, cfg, "conventional")
+    return run, cfg
+
+
+def test_calibrate_run_writes_spec_json_and_diagrams(tiny_run: tuple[Path, RunConfig]) -> None:
+    run, cfg = tiny_run
+    old_hash = load_spec(run / "ee").content_hash
+    report = calibrate_run(run)  # config read from the run directory
+    net, spec = load_checkpoint(run / "ee")  # re-saved checkpoint loads and matches its hash
+    assert spec.content_hash != old_hash
+    n = spec.num_branches
+    assert spec.temperatures is not None and len(spec.temperatures) == n + 1
+    assert all(t > 0 for t in spec.temperatures)
+    assert spec.ensemble_weights is not None and len(spec.ensemble_weights) == n
+    assert sum(spec.ensemble_weights) == pytest.approx(1.0)
+    assert spec.exit_val_accuracy is not None and len(spec.exit_val_accuracy) == n + 1
+    # ensemble weights are the branches' validation accuracies, normalised
+    acc = spec.exit_val_accuracy[:-1]
+    assert spec.ensemble_weights == pytest.approx([a / sum(acc) for a in acc])
+
+    doc = json.loads((RunDir(run).calibration / "calibration.json").read_text())
+    assert doc == json.loads(json.dumps(report))
+    ee = doc["models"]["ee"]
+    assert ee["content_hash"] == spec.content_hash
+    assert [e["temperature"] for e in ee["exits"]] == pytest.approx(spec.temperatures)
+    for row in ee["exits"]:
+        assert row["nll_after"] <= row["nll_before"] + 1e-6  # T minimises the validation NLL
+        png = RunDir(run).calibration / row["diagram"]
+        assert png.read_bytes()[:8] == PNG_MAGIC
+    conv = doc["models"]["conventional"]
+    assert len(conv["exits"]) == 1 and conv["ensemble_weights"] is None
+    conv_spec = load_spec(run / "conventional")
+    assert conv_spec.temperatures == [conv["exits"][0]["temperature"]]
+
+
+def test_calibrate_run_global_mode(tiny_run: tuple[Path, RunConfig]) -> None:
+    run, cfg = tiny_run
+    cfg = RunConfig.from_dict(cfg.to_dict())
+    cfg.calibration.mode = "global"
+    calibrate_run(run, cfg)
+    temps = load_spec(run / "ee").temperatures
+    assert temps is not None and len(set(temps)) == 1
+    cfg.calibration.mode = "sometimes"
+    with pytest.raises(UserError, match="per_exit, global"):
+        calibrate_run(run, cfg)

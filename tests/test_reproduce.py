@@ -1,0 +1,112 @@
+"""`edgeexit reproduce --quick` end to end through the real CLI, servers and link emulator; then resumption."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from edgeexit.config import default_config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "edgeexit", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("quick")
+    result = _cli("reproduce", "--quick", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_quick_reproduce_writes_report_figures_and_consistent_records(quick_run: Path) -> None:
+    stages = json.loads((quick_run / "stages.json").read_text())
+    assert set(stages) == {"train_ee", "train_conventional", "calibrate", "evaluate", "online"}
+    for name in ("fig3_accuracy", "fig4_early_exit", "fig5_flops", "fig6_time"):
+        assert (quick_run / "figures" / f"{name}.png").stat().st_size > 10_000
+    html = (quick_run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4
+    md = (quick_run / "report.md").read_text()
+    assert "reproduced" in md and "Link" in md
+    link = json.loads((quick_run / "link.json").read_text())
+    assert link["emulated"] and abs(link["measured"]["rtt_ms_min"] - 11.91) / 11.91 < 0.5
+
+    offline = pd.read_parquet(quick_run / "records.parquet")
+    online = pd.concat([pd.read_parquet(p) for p in (quick_run / "online").glob("*.parquet")])
+    assert set(online["strategy"]) == {"ee", "ensemble", "conventional"}
+    assert (online["outcome"] == "ok").all() and online["time_ms"].gt(0).all()
+    # the online system takes the offline engine's decisions for the same images (one Policy implementation)
+    # (offline conventional rows repeat for every alpha and k; online, each image is sent once, alpha NaN, k 0)
+    conv = offline["strategy"] == "conventional"
+    offline = pd.concat(
+        [offline[~conv], offline[conv].drop_duplicates(["level", "sample_id"]).assign(k=0, alpha=-1.0)]
+    )
+    online = online.assign(alpha=online["alpha"].fillna(-1.0))
+    keys = ["level", "strategy", "alpha", "k", "sample_id"]
+    both = online.merge(offline, on=keys, suffixes=("_on", "_off"))
+    assert len(both) == len(online) == 400
+    assert (both["exit_on"] == both["exit_off"]).all()
+    assert (both["prediction_on"] == both["prediction_off"]).all()
+    assert (both["macs_on"] == both["macs_off"]).all()
+    # the cloud-only conventional DNN always pays the round trip; early exits often do not
+    edge = online[online["at_edge"]]
+    cloud = online[~online["at_edge"]]
+    if len(edge) and len(cloud):
+        assert edge["time_ms"].median() < cloud["time_ms"].median()
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_stages_and_resumes_the_online_run(quick_run: Path) -> None:
+    online_files = sorted((quick_run / "online").glob("*.parquet"))
+    kept = online_files[0].stat().st_mtime_ns
+    missing = online_files[-1]
+    missing.unlink()  # as if the run had been killed before the last level was written
+    stages = json.loads((quick_run / "stages.json").read_text())
+    del stages["online"]
+    (quick_run / "stages.json").write_text(json.dumps(stages))
+
+    result = _cli("reproduce", "--quick", "--out", str(quick_run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("train_ee", "train_conventional", "calibrate", "evaluate"):
+        assert f"{stage}: up to date" in result.stdout
+    assert missing.is_file()  # the missing level was run again ...
+    assert online_files[0].stat().st_mtime_ns == kept  # ... and the finished ones were not
+
+
+def test_default_toml_is_the_built_in_default() -> None:
+    assert load_config(ROOT / "configs" / "default.toml") == default_config()
+
+
+def test_reproduce_bad_input_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nepochz = 3\n")
+    result = _cli("reproduce", "--config", str(bad), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "edgeexit: error: unknown config key train.epochz; accepted: epochs, batch_size, optimizer, lr, momentum, "
+        "weight_decay, schedule, patience, exit_weights, augment, distortion, distortion_levels, seed, num_workers, "
+        "device, conventional"
+    )
+    missing = tmp_path / "missing.toml"
+    missing.write_text('[dataset]\nname = "caltech256"\nroot = "/nonexistent/caltech"\n')
+    result = _cli("reproduce", "--config", str(missing), "--out", str(tmp_path / "run2"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "256_ObjectCategories" in result.stderr
