@@ -110,3 +110,16 @@ def test_reproduce_bad_input_is_one_line(tmp_path: Path) -> None:
     result = _cli("reproduce", "--config", str(missing), "--out", str(tmp_path / "run2"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "256_ObjectCategories" in result.stderr
+
+
+def test_serving_on_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for command in (["serve-cloud", str(tmp_path)], ["serve-edge", str(tmp_path), "--cloud", "http://127.0.0.1:1"]):
+            result = _cli(*command, "--port", str(port), timeout=120)
+            assert result.returncode == 2 and "Traceback" not in result.stderr
+            assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "pick another with --port" in result.stderr

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from edgeexit.config import RunConfig
 from edgeexit.data.distortions import DISTORTIONS, check_level, distort
 from edgeexit.data.preprocess import Preprocessing, load_uint8
+from edgeexit.devices import resolve_device
 from edgeexit.errors import UserError
 from edgeexit.evaluate.aggregate import summarize
 from edgeexit.evaluate.cache import _calibrated_probs, cached_probabilities
@@ -380,16 +381,6 @@ def direct_records(
     return concat_records(frames)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' asked for but no CUDA device is available; use 'auto' or 'cpu'")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"unknown device {name!r}; known: auto, cpu, cuda")
-    return torch.device(name)
-
-
 def _load_models(run: RunDir, cfg: RunConfig) -> tuple[nn.Module, ModelSpec, nn.Module | None, ModelSpec | None]:
     """The EE-DNN and (when the run has one) the conventional DNN, calibrating the run first if needed."""
     has_conv = (run.conventional / SPEC).is_file()
@@ -473,7 +464,7 @@ def evaluate_run(
         conv_prep = preprocessing_of(conv_spec)
         conv_images = images if conv_prep == prep else load_uint8(ds, ids, conv_prep)
     payload = payload_table(costs, exp.precision, conv_input_bytes)
-    device = _device(cfg.train.device)
+    device = resolve_device(cfg.train.device)
     net.to(device)
     if use_conv:
         conv_net.to(device)  # type: ignore[union-attr]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from edgeexit.config import RunConfig, load_config
 from edgeexit.evaluate.aggregate import summarize
@@ -165,6 +166,37 @@ def _write_link(run: RunDir, cfg: RunConfig, measurement: Any, emulated: bool) -
     log.info("link measured: %s", data["measured"])
 
 
+def exit_accuracy_table(run: RunDir, cfg: RunConfig) -> pd.DataFrame:
+    """Accuracy of every exit on its own (argmax, no early exit) per level, from the sweep's cached probabilities."""
+    from safetensors.torch import load_file
+
+    from edgeexit.data.sources import load_dataset
+    from edgeexit.evaluate.cache import cache_path
+
+    labels = load_dataset(cfg.dataset.name, cfg.dataset.root).labels
+    rows = []
+    for which, prefix in (("ee", "EE-DNN"), ("conventional", "Conventional DNN")):
+        spec = load_spec(run.model_dir(which))
+        for level in cfg.experiment.levels:
+            path = cache_path(run, spec, cfg.experiment.distortion, level)
+            if not path.is_file():
+                continue
+            tensors = load_file(str(path))
+            truth = torch.as_tensor(labels[tensors["sample_ids"].numpy()])
+            for i in range(1, spec.num_exits + 1):
+                name = "final exit" if i == spec.num_exits else f"branch {i}"
+                correct = (tensors[f"exit_{i}"].argmax(1) == truth).float().mean().item()
+                rows.append(
+                    {
+                        "exit": f"{prefix} {name}",
+                        "distortion": cfg.experiment.distortion,
+                        "level": float(level),
+                        "accuracy": correct,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
 def _pivot(summary: pd.DataFrame, metric: str, alpha: float, k: int, scale: float = 1.0) -> pd.DataFrame:
     rows = summary[
         (summary["strategy"] == "conventional") | ((summary["alpha"] == alpha) & (summary["k"] == k))
@@ -178,6 +210,11 @@ def _report(run: RunDir, cfg: RunConfig, offline: pd.DataFrame, online: pd.DataF
     exp = cfg.experiment
     k = exp.online_k
     figs = figures.paper_figures(offline, online, run.figures, alphas=exp.alphas, k=k)
+    per_exit = exit_accuracy_table(run, cfg)
+    if len(per_exit):
+        figs["per_exit_accuracy"] = figures.per_exit_accuracy_figure(
+            per_exit, run.figures / "per_exit_accuracy.png", "Accuracy of each exit alone (no early exit)"
+        )
     findings = check_findings(offline, online, alphas=exp.alphas, k=k)
     link = json.loads((run.root / "link.json").read_text()) if (run.root / "link.json").is_file() else None
     ee = load_spec(run.ee)

@@ -262,3 +262,18 @@ def start_server(app: Any, host: str = "127.0.0.1", port: int = 0, startup_timeo
             raise RuntimeError(f"uvicorn did not start on {host}:{sock.getsockname()[1]}")
         time.sleep(0.01)
     return ServerHandle(server, thread, sock)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A UserError, before any model is loaded, when (host, port) cannot be bound (in use, or not ours)."""
+    if port == 0:
+        return
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as exc:
+        raise UserError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): the port is in use or the address is not "
+            "this machine's; pick another with --port"
+        ) from None

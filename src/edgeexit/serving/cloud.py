@@ -49,6 +49,7 @@ from edgeexit.serving.app_util import (
     TokenMiddleware,
     binary_body,
     check_content_type,
+    check_port_free,
     decode_image,
     error,
     error_responses,
@@ -316,6 +317,7 @@ def serve_cloud(
         raise UserError(f"workers must be an integer >= 1, got {workers!r}")
     if not 0 <= port <= 65535:
         raise UserError(f"port must be in 0..65535, got {port}")
+    check_port_free(host, port)
     run_dir = Path(run_dir)
     if workers == 1:
         app = create_cloud_app(run_dir, token=token, max_body_bytes=max_body_bytes, max_batch=max_batch)

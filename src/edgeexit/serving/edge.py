@@ -59,6 +59,7 @@ from edgeexit.serving.app_util import (
     TokenMiddleware,
     binary_body,
     check_content_type,
+    check_port_free,
     decode_image,
     error,
     error_responses,
@@ -466,6 +467,7 @@ def serve_edge(
     cloud_token: str | None = None,
 ) -> None:
     """Run the edge server with uvicorn until interrupted (token: clients' bearer token; cloud_token: the cloud's)."""
+    check_port_free(host, port)
     runner = EdgeRunner.from_run(
         Path(run_dir), strategy=strategy, alpha=alpha, k=k, cloud_url=cloud_url, precision=precision,
         token=cloud_token,

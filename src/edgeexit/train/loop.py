@@ -46,6 +46,7 @@ from edgeexit.data import (
     distort,
     load_uint8,
 )
+from edgeexit.devices import resolve_device
 from edgeexit.errors import UserError
 from edgeexit.model import EarlyExitNet, ModelSpec, load_checkpoint, load_spec, new_model, save_checkpoint
 from edgeexit.model.checkpoint import SPEC, WEIGHTS, atomic_write_bytes
@@ -107,17 +108,6 @@ def load_split_data(
     if ds.arrays is not None:
         return SplitData(labels, images=load_uint8(ds, indices, prep))
     return SplitData(labels, lazy=SplitImages(ds, indices, prep), num_workers=num_workers)
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; `cuda` without a GPU is a UserError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"unknown device {name!r}; accepted: auto, cpu, cuda")
-    return torch.device(name)
 
 
 @torch.no_grad()
