@@ -119,7 +119,56 @@ def test_serving_on_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        for command in (["serve-cloud", str(tmp_path)], ["serve-edge", str(tmp_path), "--cloud", "http://127.0.0.1:1"]):
+        for command in (
+            ["serve-cloud", str(tmp_path)],
+            ["serve-edge", str(tmp_path), "--cloud", "http://127.0.0.1:1"],
+        ):
             result = _cli(*command, "--port", str(port), timeout=120)
             assert result.returncode == 2 and "Traceback" not in result.stderr
-            assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "pick another with --port" in result.stderr
+            assert (
+                f"cannot listen on 127.0.0.1:{port}" in result.stderr
+                and "pick another with --port" in result.stderr
+            )
+
+
+def _servers_of(run_dir: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"serve-cloud" in cmd and str(run_dir).encode() in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the server process")
+def test_sigterm_during_the_online_run_stops_the_cloud_server(quick_run: Path) -> None:
+    import signal
+    import time
+
+    stages = json.loads((quick_run / "stages.json").read_text())
+    stages.pop("online", None)
+    (quick_run / "stages.json").write_text(json.dumps(stages))
+    for p in (quick_run / "online").glob("*.parquet"):
+        p.unlink()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeexit", "reproduce", "--quick", "--out", str(quick_run)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not _servers_of(quick_run) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert _servers_of(quick_run), "the cloud server never started"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 15
+    while _servers_of(quick_run) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _servers_of(quick_run) == []

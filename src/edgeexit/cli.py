@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -403,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `edgeexit` command."""
     args = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so servers and proxies started by a command are stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
