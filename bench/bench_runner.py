@@ -22,17 +22,8 @@ import torch
 
 from edgeexit.evaluate.sweep import preprocessing_of
 from edgeexit.model import cost_table, new_model
+from edgeexit.model.build import settle_batchnorm
 from edgeexit.serving.edge import EdgeRunner
-
-
-def _settle_batchnorm(net: torch.nn.Module, x: torch.Tensor) -> None:
-    for m in net.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-    net.train()
-    with torch.no_grad():
-        net(x)
-    net.eval()
 
 
 def main() -> None:
@@ -54,7 +45,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (16, 3, s, s), dtype=torch.uint8, generator=gen)
     prep = preprocessing_of(spec)
-    _settle_batchnorm(net, prep.normalize(images))
+    settle_batchnorm(net, prep.normalize(images))
     spec.temperatures = [1.5, 1.4, 1.3, 1.2]
     spec.ensemble_weights = [0.3, 0.3, 0.4]
     k = args.k

@@ -26,6 +26,7 @@ from edgeexit.config import RunConfig
 from edgeexit.data import load_uint8
 from edgeexit.evaluate.sweep import preprocessing_of
 from edgeexit.model import CostTable, ModelSpec, cost_table, load_checkpoint, new_model, save_checkpoint
+from edgeexit.model.build import settle_batchnorm
 from edgeexit.model.early_exit import EarlyExitNet
 from edgeexit.rundir import RunDir, prepare_data
 from edgeexit.serving import wire
@@ -38,17 +39,6 @@ TOKEN = "s3cret-token"
 
 
 # --- a real tiny run, shared with the other serving tests ----------------------------------------------------
-
-
-def _settle_batchnorm(net: torch.nn.Module, x: torch.Tensor) -> None:
-    """BatchNorm statistics from real images, so that an untrained net's outputs depend on its input."""
-    for m in net.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-    net.train()
-    with torch.no_grad():
-        net(x)
-    net.eval()
 
 
 def build_tiny_run(root: Path, *, conventional: bool = True) -> RunConfig:
@@ -64,13 +54,13 @@ def build_tiny_run(root: Path, *, conventional: bool = True) -> RunConfig:
                   dataset="digits")  # fmt: skip
     torch.manual_seed(0)
     net, spec = new_model("mobilenet_v2", branches=3, **common)
-    _settle_batchnorm(net, x)
+    settle_batchnorm(net, x)
     spec.temperatures = [0.12, 0.2, 0.2, 0.3]  # sharp: spreads the random net's confidences
     spec.ensemble_weights = [0.2, 0.3, 0.5]
     save_checkpoint(run.ee, net, spec)
     if conventional:
         conv, cspec = new_model("mobilenet_v2", kind="conventional", **common)
-        _settle_batchnorm(conv, x)
+        settle_batchnorm(conv, x)
         cspec.temperatures = [0.3]
         save_checkpoint(run.conventional, conv, cspec)
     return cfg

@@ -35,6 +35,7 @@ from edgeexit.model import (
     new_model,
     save_checkpoint,
 )
+from edgeexit.model.build import settle_batchnorm
 from edgeexit.policy import STRATEGIES, apply_policy, make_policy
 from edgeexit.rundir import RunDir, prepare_data
 
@@ -53,17 +54,6 @@ class Tiny:
     cfg: RunConfig
 
 
-def _settle_batchnorm(net: torch.nn.Module, x: torch.Tensor) -> None:
-    """Set BatchNorm running statistics from real images so an untrained net's outputs depend on its input."""
-    for m in net.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = None  # cumulative average over this one batch
-    net.train()
-    with torch.no_grad():
-        net(x)
-    net.eval()
-
-
 def _make_run(root: Path, *, calibrated: bool = True, conventional: bool = True) -> Tiny:
     cfg = RunConfig.from_dict(
         {"dataset": {"name": "digits"}, "experiment": {"batch_size": LIMIT}, "train": {"device": "cpu"}}
@@ -75,7 +65,7 @@ def _make_run(root: Path, *, calibrated: bool = True, conventional: bool = True)
     common = dict(num_classes=10, input_size=32, mean=prep.mean, std=prep.std, dataset="digits")
     torch.manual_seed(0)
     net, spec = new_model("mobilenet_v2", branches=3, **common)
-    _settle_batchnorm(net, x)
+    settle_batchnorm(net, x)
     if calibrated:
         # Sharp temperatures spread the confidences of the random net: a mix of exits at alpha 0.5.
         spec.temperatures = [0.12, 0.2, 0.2, 0.3]
@@ -83,7 +73,7 @@ def _make_run(root: Path, *, calibrated: bool = True, conventional: bool = True)
     save_checkpoint(run.ee, net, spec)
     if conventional:
         conv, cspec = new_model("mobilenet_v2", kind="conventional", **common)
-        _settle_batchnorm(conv, x)
+        settle_batchnorm(conv, x)
         if calibrated:
             cspec.temperatures = [0.3]
         save_checkpoint(run.conventional, conv, cspec)

@@ -31,6 +31,22 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _cheaper(
+    summary: pd.DataFrame | None, metric: str, alphas: Sequence[float], k: int, claim: str, describe
+) -> Finding:
+    """Whether EE-DNN and ensemble average less of `metric` over the levels than the conventional DNN."""
+    if summary is None:
+        return Finding(claim, None, "no online run")
+    parts, ok = [], True
+    conv = _series(summary, "conventional", alphas[0], k, metric).mean()
+    for alpha in alphas:
+        for st in ("ee", "ensemble"):
+            value = _series(summary, st, alpha, k, metric).mean()
+            ok &= bool(value < conv)
+            parts.append(f"{st} α={alpha:g}: {describe(value, conv)}")
+    return Finding(claim, ok, "; ".join(parts))
+
+
 def check_findings(
     offline: pd.DataFrame,
     online: pd.DataFrame | None,
@@ -114,40 +130,13 @@ def check_findings(
         Finding("At least 20% of images exit at the edge at σ = 1", ok if seen else None, "; ".join(parts))
     )
 
-    # 5. EE approaches cut FLOPs strongly versus the cloud-only conventional DNN
-    parts, ok = [], True
-    conv_m = _series(offline, "conventional", alphas[0], k, "mean_macs").mean()
-    for alpha in alphas:
-        for st in ("ee", "ensemble"):
-            m = _series(offline, st, alpha, k, "mean_macs").mean()
-            ok &= bool(m < conv_m)
-            parts.append(f"{st} α={alpha:g}: {m / conv_m:.2f}× the conventional MACs")
-    out.append(
-        Finding("EE-DNN and ensemble need fewer FLOPs than the conventional DNN", ok, "; ".join(parts))
-    )
-
-    # 6. ... and less inference time (online)
-    if online is not None and len(online) and "mean_time_ms" in online:
-        parts, ok = [], True
-        conv_t = _series(online, "conventional", alphas[0], k, "mean_time_ms").mean()
-        for alpha in alphas:
-            for st in ("ee", "ensemble"):
-                t = _series(online, st, alpha, k, "mean_time_ms").mean()
-                ok &= bool(t < conv_t)
-                parts.append(f"{st} α={alpha:g}: {t:.2f} ms vs {conv_t:.2f} ms")
-        out.append(
-            Finding(
-                "EE-DNN and ensemble answer faster than the cloud-only conventional DNN", ok, "; ".join(parts)
-            )
-        )
-    else:
-        out.append(
-            Finding(
-                "EE-DNN and ensemble answer faster than the cloud-only conventional DNN",
-                None,
-                "no online run",
-            )
-        )
+    # 5. EE approaches cut FLOPs strongly versus the cloud-only conventional DNN; 6. ... and inference time
+    out.append(_cheaper(offline, "mean_macs", alphas, k, "EE-DNN and ensemble need fewer FLOPs than the conventional DNN",
+                        lambda m, c: f"{m / c:.2f}× the conventional MACs"))  # fmt: skip
+    has_time = online is not None and len(online) and "mean_time_ms" in online
+    out.append(_cheaper(online if has_time else None, "mean_time_ms", alphas, k,
+                        "EE-DNN and ensemble answer faster than the cloud-only conventional DNN",
+                        lambda t, c: f"{t:.2f} ms vs {c:.2f} ms"))  # fmt: skip
 
     # 7. FLOPs of EE approaches rise (slightly) with blur
     parts, ok = [], True

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+from torch import nn
+
 from edgeexit.errors import UserError
 from edgeexit.model.adapters import load_backbone
 from edgeexit.model.early_exit import EarlyExitNet, group_stages
@@ -12,7 +15,7 @@ from edgeexit.model.placement import place_branches
 from edgeexit.model.profile import BlockProfile, profile_blocks
 from edgeexit.model.spec import ModelSpec
 
-__all__ = ["new_model", "build_model"]
+__all__ = ["new_model", "build_model", "settle_batchnorm"]
 
 
 def _assemble(
@@ -33,7 +36,9 @@ def _assemble(
     if branch_blocks is None:
         branch_blocks = place_branches(profile.block_macs, branches, placement, head_macs=profile.head_macs)
     else:
-        branch_blocks = place_branches(profile.block_macs, len(branch_blocks), "explicit", list(branch_blocks))
+        branch_blocks = place_branches(
+            profile.block_macs, len(branch_blocks), "explicit", list(branch_blocks)
+        )
     exits = [make_exit_head(head, profile.block_shapes[b][0], num_classes) for b in branch_blocks]
     net = EarlyExitNet(group_stages(bb.blocks, branch_blocks), exits, bb.head)
     return net, list(branch_blocks), profile
@@ -59,7 +64,9 @@ def new_model(
     """A fresh model and its spec. `kind="conventional"` gives the backbone with no side branches."""
     if kind == "conventional":
         branches, branch_blocks = 0, None
-    net, blocks, _ = _assemble(backbone, num_classes, input_size, weights, head, branch_blocks, branches, placement)
+    net, blocks, _ = _assemble(
+        backbone, num_classes, input_size, weights, head, branch_blocks, branches, placement
+    )
     spec = ModelSpec(
         backbone=backbone,
         num_classes=num_classes,
@@ -84,3 +91,18 @@ def build_model(spec: ModelSpec) -> EarlyExitNet:
         spec.backbone, spec.num_classes, spec.input_size, None, spec.head, spec.branch_blocks or None
     )
     return net
+
+
+def settle_batchnorm(net: nn.Module, x: torch.Tensor) -> None:
+    """Set BatchNorm running statistics from one batch of real inputs, then leave `net` in eval mode.
+
+    For untrained (random-weight) models in tests and benchmarks: with the default statistics their outputs
+    barely depend on the input.
+    """
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # cumulative average: over this one batch exactly
+    net.train()
+    with torch.no_grad():
+        net(x)
+    net.eval()
