@@ -28,13 +28,12 @@ import numpy as np
 import torch
 
 from edgeexit.data import load_uint8
-from edgeexit.evaluate.sweep import preprocessing_of
 from edgeexit.experiment.servers import cloud_server_process
 from edgeexit.model import load_checkpoint, new_model, save_checkpoint
 from edgeexit.rundir import RunDir, prepare_data
 from edgeexit.serving import wire
 from edgeexit.serving.client import CloudClient
-from edgeexit.serving.cloud import CloudModels
+from edgeexit.serving.cloud_runner import CloudRunner
 
 
 def _random_run(root: Path) -> Path:
@@ -57,7 +56,7 @@ def throughput(run_dir: Path, requests: int, clients: list[int], k: int | None, 
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (1, 3, spec.input_size, spec.input_size), dtype=torch.uint8, generator=gen)
     with torch.no_grad():
-        _, h = net.edge_part(preprocessing_of(spec).normalize(x), k)
+        _, h = net.edge_part(spec.preprocessing.normalize(x), k)
     body = wire.encode_payload(h, model_hash=spec.content_hash, k=k, request_id="bench", precision=precision)
 
     def worker(n: int, url: str, barrier: threading.Barrier) -> tuple[list[float], list[float], float]:
@@ -101,8 +100,8 @@ def precision_accuracy(run_dir: Path, limit: int | None) -> None:
     run = RunDir(run_dir)
     cfg = run.load_config()
     ds, split, _ = prepare_data(cfg, run)
-    models = CloudModels.load(run.root)
-    prep = preprocessing_of(models.ee_spec)
+    models = CloudRunner.load(run.root)
+    prep = models.ee_spec.preprocessing
     ids = np.asarray(split.test[:limit])
     labels = torch.as_tensor(ds.labels[ids])
     images = load_uint8(ds, ids, prep)
@@ -112,7 +111,7 @@ def precision_accuracy(run_dir: Path, limit: int | None) -> None:
     print("|---:|---|---:|---:|---:|---:|")
     for k in range(1, models.ee_spec.num_branches + 1):
         with torch.no_grad():
-            _, h = models.ee.edge_part(prep.normalize(images), k)
+            _, h = models.runtime.net.edge_part(prep.normalize(images), k)
         ref_label, ref_conf = None, None
         for precision in wire.PRECISIONS:
             decoded, size = [], 0

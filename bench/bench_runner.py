@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from edgeexit.evaluate.sweep import preprocessing_of
 from edgeexit.model import cost_table, new_model
 from edgeexit.model.build import settle_batchnorm
-from edgeexit.serving.edge import EdgeRunner
+from edgeexit.runtime import TorchRuntime
+from edgeexit.serving.edge_runner import EdgeRunner
 
 
 def main() -> None:
@@ -44,15 +44,14 @@ def main() -> None:
     net, spec = new_model("mobilenet_v2", num_classes=10, input_size=s, branches=3)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (16, 3, s, s), dtype=torch.uint8, generator=gen)
-    prep = preprocessing_of(spec)
+    prep = spec.preprocessing
     settle_batchnorm(net, prep.normalize(images))
     spec.temperatures = [1.5, 1.4, 1.3, 1.2]
     spec.ensemble_weights = [0.3, 0.3, 0.4]
     k = args.k
     # Never stop early: max-probability rules with alpha > 1; entropy with threshold 1 - alpha = 0 (one-hot only).
     alpha = 1.0 if args.strategy == "entropy" else 2.0
-    runner = EdgeRunner(net, spec, strategy=args.strategy, alpha=alpha, k=k, client=None,
-                        costs=cost_table(net, s))  # fmt: skip
+    runner = EdgeRunner(TorchRuntime(net, spec, costs=cost_table(net, s)), strategy=args.strategy, alpha=alpha, k=k)
     logging.getLogger("edgeexit").setLevel(logging.ERROR)
     temps = spec.temperatures
 

@@ -23,25 +23,27 @@ import argparse
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # reference.py: test-only baselines
+
 import numpy as np
 import pandas as pd
 import torch
+from reference import direct_records  # noqa: E402 (after the sys.path line)
 
 from edgeexit.config import RunConfig
 from edgeexit.data import distort, load_dataset, load_uint8
-from edgeexit.evaluate.cache import exit_probabilities
 from edgeexit.evaluate.sweep import (
     Grid,
-    check_grid,
-    direct_records,
     evaluate_run,
+    grid_of,
     payload_table,
-    preprocessing_of,
 )
+from edgeexit.inference import exit_probabilities
 from edgeexit.model import cost_table, load_checkpoint, new_model, save_checkpoint
 from edgeexit.rundir import RunDir, prepare_data
 
@@ -85,13 +87,13 @@ def forward_only(run: RunDir, cfg: RunConfig, grid: Grid) -> float:
     net, spec = load_checkpoint(run.ee)
     conv, cspec = load_checkpoint(run.conventional)
     ids = np.asarray(split.test)
-    images = load_uint8(ds, ids, preprocessing_of(spec))
+    images = load_uint8(ds, ids, spec.preprocessing)
     levels = [distort(images, grid.distortion, lv, seeds=ids.tolist()) for lv in grid.levels]
     bs = cfg.experiment.batch_size
     t = time.perf_counter()
     for x in levels:
-        exit_probabilities(net, spec, x, preprocessing_of(spec), bs)
-        exit_probabilities(conv, cspec, x, preprocessing_of(cspec), bs)
+        exit_probabilities(net, spec, x, bs)
+        exit_probabilities(conv, cspec, x, bs)
     return time.perf_counter() - t
 
 
@@ -118,7 +120,7 @@ def authors_way(
     sub_levels = grid.levels if n_levels >= len(grid.levels) else _spread(grid.levels, n_levels)
     sub = Grid(grid.distortion, sub_levels, grid.alphas, grid.edge_branches, grid.strategies)
     t = time.perf_counter()
-    images = load_uint8(ds, ids, preprocessing_of(spec))
+    images = load_uint8(ds, ids, spec.preprocessing)
     rec = direct_records(
         net, spec, conv, cspec, images, ds.labels[ids], ids, grid=sub, costs=costs, conv_macs=conv_costs.total_macs,
         payload_bytes=payload_table(costs, cfg.experiment.precision, conv_costs.input_bytes),
@@ -156,7 +158,7 @@ def main() -> None:
         cfg = make_run(run.root, args.run)
         exp = cfg.experiment
         spec = load_checkpoint(run.ee)[1]
-        grid = check_grid(exp.distortion, exp.levels, exp.alphas, exp.edge_branches, exp.strategies, spec.num_branches)
+        grid = grid_of(cfg, spec.num_branches)
         ds, split, _ = prepare_data(cfg, run)
         n_configs = len(grid.levels) * len(grid.alphas) * len(grid.edge_branches) * len(grid.strategies)
         print(f"dataset {cfg.dataset.name}: {len(split.test)} test images; grid {len(grid.levels)} levels x "

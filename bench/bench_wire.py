@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path as _Path
+
+sys.path.insert(0, str(_Path(__file__).resolve().parents[1] / "tests"))  # reference.py: test-only baselines
 
 import torch
+from reference import decode_json_list, json_list_payload  # noqa: E402
 from torchvision.models import mobilenet_v2
 
 from edgeexit.serving.wire import (
     PRECISIONS,
-    decode_json_list,
     decode_payload,
     encode_payload,
-    json_list_payload,
 )
 
 # Blocks of torchvision's mobilenet_v2().features whose outputs are [1,24,56,56], [1,32,28,28], [1,64,14,14]

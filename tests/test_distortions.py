@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -71,6 +73,99 @@ def test_level_zero_is_bit_exact_identity(name):
 
 
 # ---- blur ----------------------------------------------------------------------------------------------
+
+
+def _reference_blur_taps(sigma: float, n: int) -> tuple[list[int], list[float]]:
+    """The hand-written blur's taps (before scipy.ndimage): offsets and float64 weights, mirror-folded."""
+    r = math.ceil(3.0 * sigma)
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    w = np.exp(-0.5 * (x / sigma) ** 2)
+    w /= w.sum()
+    if r <= n - 1:
+        return list(range(-r, r + 1)), w.tolist()
+    period = 2 * (n - 1)
+    folded: dict[int, float] = {}
+    for off, wk in zip(range(-r, r + 1), w.tolist(), strict=True):
+        key = (off + n - 1) % period - (n - 1)  # representative in [-(n-1), n-2]
+        folded[key] = folded.get(key, 0.0) + wk
+    offs = sorted(folded)
+    return offs, [folded[o] for o in offs]
+
+
+def _reference_blur_axis(x: torch.Tensor, sigma: float, dim: int) -> torch.Tensor:
+    """The hand-written 1-D float32 Gaussian along `dim`: a sum of shifted, mirror-padded slices."""
+    n = x.shape[dim]
+    if n == 1:
+        return x
+    offs, weights = _reference_blur_taps(sigma, n)
+    lo, hi = -offs[0], offs[-1]
+    idx = torch.arange(-lo, n + hi, device=x.device)
+    idx = torch.where(idx < 0, -idx, idx)
+    idx = torch.where(idx > n - 1, 2 * (n - 1) - idx, idx)
+    padded = x.index_select(dim, idx)
+    out = padded.narrow(dim, lo + offs[0], n) * weights[0]
+    term = torch.empty_like(out)
+    for off, wk in zip(offs[1:], weights[1:], strict=True):
+        torch.mul(padded.narrow(dim, off + lo, n), wk, out=term)
+        out.add_(term)
+    return out
+
+
+def _reference_blur_values(images: torch.Tensor, sigma: float, dtype: torch.dtype) -> torch.Tensor:
+    """The hand-written blur before rounding: rows then columns, in `dtype` (it was float32)."""
+    x = images.to(dtype)
+    x = _reference_blur_axis(x, sigma, dim=-2)
+    return _reference_blur_axis(x, sigma, dim=-1)
+
+
+def _reference_blur(images: torch.Tensor, sigma: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The blur as it was hand-written before scipy.ndimage: float32 by default, round half even, clip."""
+    return _reference_blur_values(images, sigma, dtype).round_().clamp_(0, 255).to(torch.uint8)
+
+
+# the paper's grid (sigma 0 excluded: the identity, never blurred) plus a larger sigma
+_BLUR_SIGMAS = [s for s in DEFAULT_LEVELS["gaussian_blur"] if s > 0] + [3.0]
+
+
+@pytest.mark.parametrize("sigma", _BLUR_SIGMAS)
+@pytest.mark.parametrize(("b", "hw"), [(20, (32, 32)), (2, (224, 224)), (6, (17, 23)), (4, (4, 5))])
+def test_blur_equals_hand_written_reference_in_float64(sigma, b, hw):
+    # the hand-written algorithm computed in float64 gives exactly today's (scipy, float64) pixels
+    x = _images(b, *hw, seed=round(sigma * 10) + hw[0])
+    assert torch.equal(distort(x, "gaussian_blur", sigma), _reference_blur(x, sigma, torch.float64))
+
+
+@pytest.mark.parametrize("sigma", _BLUR_SIGMAS)
+@pytest.mark.parametrize(("b", "hw"), [(100, (32, 32)), (4, (224, 224))])
+def test_blur_regression_against_hand_written_float32(sigma, b, hw):
+    # The blur was hand-written in float32; scipy computes in float64. They give the same uint8 pixels
+    # except where the exact value lies within float32 error of a .5 rounding boundary (~1 pixel in 1e5,
+    # off by 1): there float64 rounds correctly and float32 may not.
+    x = _images(b, *hw, seed=round(sigma * 10))
+    y = distort(x, "gaussian_blur", sigma)
+    old = _reference_blur(x, sigma)
+    diff = (y.int() - old.int()).abs()
+    assert diff.max() <= 1
+    assert diff.count_nonzero().item() <= 1e-4 * x.numel()
+    exact = _reference_blur_values(x, sigma, torch.float64)[diff > 0]
+    assert ((exact - exact.floor() - 0.5).abs() < 1e-4).all()
+
+
+def test_blur_sigma_zero_never_calls_scipy(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("gaussian_filter called at sigma 0")
+
+    monkeypatch.setattr(ndimage, "gaussian_filter", boom)
+    x = _images(3)
+    assert torch.equal(distort(x, "gaussian_blur", 0), x)
+    assert torch.equal(distort(x, "gaussian_blur", 0.0), x)
+    with pytest.raises(AssertionError, match="called"):
+        distort(x, "gaussian_blur", 0.5)  # scipy.ndimage is looked up at call time
+
+
+def test_importing_edgeexit_data_does_not_load_scipy():
+    code = "import sys, edgeexit.data; assert 'scipy' not in sys.modules, 'scipy loaded on import'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize("sigma", [0.1, 0.5, 1.0, 1.8])

@@ -11,16 +11,19 @@ import fastapi
 import httpx
 import pytest
 import torch
-from test_cloud import build_tiny_run, one_torch_thread, png, tiny_images  # noqa: F401 (autouse fixture)
+from tinyrun import build_tiny_run, png, tiny_images
 
 from edgeexit.errors import UserError
-from edgeexit.evaluate.sweep import preprocessing_of
 from edgeexit.model import CostTable, ModelSpec, cost_table, load_checkpoint
 from edgeexit.model.early_exit import EarlyExitNet
-from edgeexit.serving.app_util import start_server
+from edgeexit.runtime import TorchRuntime
 from edgeexit.serving.client import CloudClient, OffloadFailed
-from edgeexit.serving.cloud import create_cloud_app
-from edgeexit.serving.edge import EdgeRunner, classify_files, create_edge_app
+from edgeexit.serving.cloud_app import create_cloud_app
+from edgeexit.serving.edge_app import create_edge_app
+from edgeexit.serving.edge_runner import EdgeRunner, Runner, classify_files, load_runner, make_runner
+from edgeexit.serving.server import start_server
+
+pytestmark = pytest.mark.slow  # starts real servers
 
 TOKEN = "edge-token"
 
@@ -35,17 +38,16 @@ class Env:
     spec: ModelSpec
     costs: CostTable
     images: torch.Tensor
-    base: EdgeRunner  # loaded once with from_run (no cloud); the tests' runners share its model and costs
+    base: Runner  # loaded once with load_runner (no cloud); the tests' runners share its runtime
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    root = tmp_path_factory.mktemp("run")
-    cfg = build_tiny_run(root)
+def env(tiny_run: tuple[Path, object]) -> Iterator[Env]:
+    root, cfg = tiny_run
     _, images = tiny_images(root, cfg, 12)
-    base = EdgeRunner.from_run(root, strategy="ee", alpha=0.5)
+    base = load_runner(root, strategy="ee", alpha=0.5)
     with start_server(create_cloud_app(root)) as srv:  # the cloud loads its own copy of the checkpoint
-        yield Env(root, srv.url, base.net, base.spec, base.costs, images, base)
+        yield Env(root, srv.url, base.runtime.net, base.spec, base.costs, images, base)
 
 
 @pytest.fixture(scope="module")
@@ -58,18 +60,17 @@ def dead_url() -> str:
 
 
 def _runner(env: Env, url: str | None, strategy: str = "ee", alpha: float = 0.5, k: int = 3, retries: int = 1,
-            timeout: float = 10.0) -> EdgeRunner:  # fmt: skip
-    """A runner on the loaded model (from_run costs seconds of profiling) with its own client."""
+            timeout: float = 10.0) -> Runner:  # fmt: skip
+    """A runner on the loaded runtime (loading costs seconds of profiling) with its own client."""
     client = None if url is None else CloudClient(url, retries=retries, backoff=0.0, timeout=timeout)
     b = env.base
-    return EdgeRunner(b.net, b.spec, strategy=strategy, alpha=alpha, k=k, client=client,
-                      conventional_macs=b.conventional_macs, costs=b.costs)  # fmt: skip
+    return make_runner(b.runtime, strategy=strategy, alpha=alpha, k=k, client=client)
 
 
 def _exit_probs(env: Env, x: torch.Tensor) -> list[torch.Tensor]:
     """Calibrated probabilities of every exit of one image, from a plain forward pass."""
     with torch.no_grad():
-        logits = env.net(preprocessing_of(env.spec).normalize(x.unsqueeze(0)))
+        logits = env.net(env.spec.preprocessing.normalize(x.unsqueeze(0)))
     return [torch.softmax(z / t, dim=1)[0] for z, t in zip(logits, env.spec.temperatures, strict=True)]
 
 
@@ -132,7 +133,7 @@ def test_conventional_falls_back_to_the_edge_exits(env: Env, dead_url: str) -> N
 
 
 def test_no_cloud_configured(env: Env) -> None:
-    runner = EdgeRunner.from_run(env.root, strategy="ee", alpha=2.0, k=None)
+    runner = load_runner(env.root, strategy="ee", alpha=2.0, k=None)
     assert runner.k == 3 and runner.client is None
     a = runner.classify_uint8(env.images[0])
     assert (a.outcome, a.detail, a.bytes_sent, a.answered_at) == ("offload_failed", "no cloud configured", 0, "edge")
@@ -152,7 +153,7 @@ def test_model_hash_mismatch_is_409_and_ends_as_offload_failed(env: Env) -> None
     net, spec = load_checkpoint(env.root / "ee")
     other = replace(spec, content_hash="feedfacecafebeef")
     with CloudClient(env.cloud_url, retries=2, backoff=0.0) as client:
-        runner = EdgeRunner(net, other, strategy="ee", alpha=2.0, k=2, client=client)
+        runner = EdgeRunner(TorchRuntime(net, other), strategy="ee", alpha=2.0, k=2, client=client)
         a = runner.classify_uint8(env.images[0])
     assert a.outcome == "offload_failed" and a.answered_at == "edge"
     assert "HTTP 409" in a.detail and "model hash mismatch" in a.detail
@@ -213,9 +214,9 @@ def test_client_raises_offload_failed_with_the_servers_detail(env: Env) -> None:
 
 
 def test_variant_shares_model_and_client(env: Env) -> None:
-    base = EdgeRunner.from_run(env.root, strategy="ee", alpha=0.5, cloud_url=env.cloud_url)
+    base = load_runner(env.root, strategy="ee", alpha=0.5, cloud_url=env.cloud_url)
     v = base.variant(strategy="ensemble", alpha=0.9)
-    assert v.net is base.net and v.client is base.client and v.costs is base.costs
+    assert v.runtime is base.runtime and v.client is base.client and v.costs is base.costs
     assert (v.strategy, v.alpha, base.strategy, base.alpha) == ("ensemble", 0.9, "ee", 0.5)
     conv = base.variant(strategy="conventional", alpha=float("nan"))
     a = conv.classify_image(png(env.images[1]))
@@ -242,13 +243,13 @@ def test_variant_shares_model_and_client(env: Env) -> None:
 def test_runner_rejects_bad_settings(env: Env, kwargs: dict, match: str) -> None:
     args = {"strategy": "ee", "alpha": 0.5, "k": 3, "client": None, **kwargs}
     with pytest.raises(UserError, match=match):
-        EdgeRunner(env.net, env.spec, **args)
+        make_runner(TorchRuntime(env.net, env.spec, costs=env.costs), **args)
 
 
 def test_conventional_needs_a_conventional_dnn(tmp_path: Path) -> None:
     build_tiny_run(tmp_path, conventional=False)
     with pytest.raises(UserError, match="conventional"):
-        EdgeRunner.from_run(tmp_path, strategy="conventional", alpha=0.5)
+        load_runner(tmp_path, strategy="conventional", alpha=0.5)
 
 
 def test_classify_files(env: Env, tmp_path: Path) -> None:
@@ -326,8 +327,8 @@ def test_edge_server_hardened_input(env: Env, dead_url: str, headers: dict, body
 def test_ensemble_needs_a_weight_per_branch(env: Env) -> None:
     spec = replace(env.spec, ensemble_weights=[1.0])
     with pytest.raises(UserError, match="3 ensemble weights"):
-        EdgeRunner(env.net, spec, strategy="ensemble", alpha=0.5, k=3, client=None, costs=env.costs)
-    runner = EdgeRunner(env.net, spec, strategy="ensemble", alpha=0.5, k=1, client=None, costs=env.costs)
+        EdgeRunner(TorchRuntime(env.net, spec, costs=env.costs), strategy="ensemble", alpha=0.5, k=3)
+    runner = EdgeRunner(TorchRuntime(env.net, spec, costs=env.costs), strategy="ensemble", alpha=0.5, k=1)
     a = runner.classify_uint8(env.images[0])
     assert (a.exit, a.answered_at) == (1, "edge")  # confident at branch 1, or the no-cloud fallback there
 
@@ -337,8 +338,8 @@ def test_unencodable_tensor_falls_back(env: Env) -> None:
     net, spec = load_checkpoint(env.root / "ee")
     with torch.no_grad():
         net.stages[2][-1].conv[-1].bias.fill_(1e6)  # the last BatchNorm of stage 3: a huge split tensor
-    runner = EdgeRunner(net, spec, strategy="ee", alpha=2.0, k=3, client=CloudClient(env.cloud_url),
-                        precision="fp16", costs=env.costs)  # fmt: skip
+    runner = EdgeRunner(TorchRuntime(net, spec, costs=env.costs), strategy="ee", alpha=2.0, k=3,
+                        client=CloudClient(env.cloud_url), precision="fp16")  # fmt: skip
     a = runner.classify_uint8(env.images[0])
     assert (a.outcome, a.answered_at, a.bytes_sent) == ("offload_failed", "edge", 0)
     assert "fp16 range" in a.detail

@@ -10,22 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from reference import direct_records, outcome_records, sweep_records
 
 from edgeexit.config import RunConfig
 from edgeexit.data import distort, load_uint8
 from edgeexit.errors import UserError
 from edgeexit.evaluate.cache import cache_path, cached_probabilities
-from edgeexit.evaluate.records import RECORD_COLUMNS, outcome_records, read_records
-from edgeexit.evaluate.sweep import (
-    check_grid,
-    direct_records,
-    evaluate_run,
-    format_summary,
-    payload_table,
-    preprocessing_of,
-    sweep_records,
-    threshold_for,
-)
+from edgeexit.evaluate.records import RECORD_COLUMNS, read_records
+from edgeexit.evaluate.sweep import Grid, evaluate_run, format_summary, payload_table
 from edgeexit.model import (
     CostTable,
     ModelSpec,
@@ -36,7 +28,7 @@ from edgeexit.model import (
     save_checkpoint,
 )
 from edgeexit.model.build import settle_batchnorm
-from edgeexit.policy import STRATEGIES, apply_policy, make_policy
+from edgeexit.policy import STRATEGIES, apply_policy, make_policy, threshold_for
 from edgeexit.rundir import RunDir, prepare_data
 
 LIMIT = 24
@@ -114,7 +106,7 @@ def models(tiny: Tiny, evaluated: tuple[pd.DataFrame, pd.DataFrame]) -> Models:
     conv, cspec = load_checkpoint(run.conventional)
     ds, split, _ = prepare_data(tiny.cfg, run)
     ids = np.asarray(split.test[:LIMIT])
-    images = load_uint8(ds, ids, preprocessing_of(spec))
+    images = load_uint8(ds, ids, spec.preprocessing)
     return Models(
         net, spec, conv, cspec, cost_table(net, 32), cost_table(conv, 32), ids, ds.labels[ids], images
     )
@@ -129,7 +121,7 @@ def test_cached_sweep_equals_direct_reruns(evaluated: tuple[pd.DataFrame, pd.Dat
         assert set(rows["exit"]) == {0, 1, 2, 3}
     assert list(records.columns) == list(RECORD_COLUMNS)
     # Re-running the models per configuration is slow: compare on one level, every strategy and alpha, k = 1, 3.
-    grid = check_grid("gaussian_blur", [1.5], ALPHAS, [1, 3], STRATS, m.spec.num_branches)
+    grid = Grid("gaussian_blur", (1.5,), tuple(ALPHAS), (1, 3), tuple(STRATS))
     direct = direct_records(
         m.net, m.spec, m.conv, m.cspec, m.images, m.labels, m.ids, grid=grid, costs=m.costs,
         conv_macs=m.conv_costs.total_macs, payload_bytes=payload_table(m.costs, "fp32", m.conv_costs.input_bytes),
@@ -144,7 +136,7 @@ def _level_probs(tiny: Tiny, m: Models, level: float) -> list[torch.Tensor]:
     """The EE-DNN's cached probabilities of one evaluated level (a cache hit)."""
     x = distort(m.images, "gaussian_blur", level, seeds=m.ids.tolist())
     key = {"distortion": "gaussian_blur", "level": level, "sample_ids": m.ids}
-    return cached_probabilities(RunDir(tiny.root), "ee", m.net, m.spec, x, key, preprocessing_of(m.spec), LIMIT)
+    return cached_probabilities(RunDir(tiny.root), "ee", m.net, m.spec, x, key, LIMIT)
 
 
 def test_sweep_rows_match_outcome_records(tiny: Tiny, models: Models) -> None:
@@ -235,32 +227,32 @@ def test_alpha_zero_exits_at_the_first_branch(tiny: Tiny, models: Models) -> Non
 def test_cache_hit_miss_and_invalidation(tiny: Tiny, models: Models, tmp_path: Path) -> None:
     m = models
     run = RunDir(tmp_path)
-    net, spec, prep = m.net, replace(m.spec), preprocessing_of(m.spec)
+    net, spec = m.net, replace(m.spec)
     ids, images = m.ids[:16], m.images[:16]
     x = distort(images, "gaussian_noise", 20, seeds=ids.tolist())
     key = {"distortion": "gaussian_noise", "level": 20, "sample_ids": ids}
     calls = [0]
     hook = net.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     try:
-        first = cached_probabilities(run, "ee", net, spec, x, key, prep, 16)
+        first = cached_probabilities(run, "ee", net, spec, x, key, 16)
         assert calls[0] == 1
         path = cache_path(run, spec, "gaussian_noise", 20)
         assert path.is_file() and path.parent.parent.name == spec.content_hash
-        second = cached_probabilities(run, "ee", net, spec, x, key, prep, 16)
+        second = cached_probabilities(run, "ee", net, spec, x, key, 16)
         assert calls[0] == 1  # a hit: the model did not run
         assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
         # Noise is seeded by sample id: image 5 distorted alone gives what the cached batch holds.
         x5 = distort(images[5], "gaussian_noise", 20, seeds=[int(ids[5])])
         assert torch.equal(x5, x[5])
         # Other samples at the same level: the metadata differs -> recomputed (and the file replaced).
-        cached_probabilities(run, "ee", net, spec, x[:10], {**key, "sample_ids": ids[:10]}, prep, 16)
+        cached_probabilities(run, "ee", net, spec, x[:10], {**key, "sample_ids": ids[:10]}, 16)
         assert calls[0] == 2
         # A re-calibrated checkpoint has a new content hash: a new folder, never the stale probabilities.
         recal = replace(spec, temperatures=[1.0, 1.0, 1.0, 1.0])
         save_checkpoint(tmp_path / "ee", net, recal)
         assert recal.content_hash != spec.content_hash
         assert cache_path(run, recal, "gaussian_noise", 20) != path
-        fresh = cached_probabilities(run, "ee", net, recal, x, key, prep, 16)
+        fresh = cached_probabilities(run, "ee", net, recal, x, key, 16)
         assert calls[0] == 3
         assert not torch.allclose(fresh[0], first[0])
     finally:
@@ -295,16 +287,16 @@ def test_uncalibrated_run_without_conventional(tmp_path: Path, caplog: pytest.Lo
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"strategies": ["ee", "greedy"]}, "unknown strategy 'greedy'; known: conventional, ee"),
-        ({"alphas": [1.5]}, r"alpha must be in \[0, 1\]"),
-        ({"alphas": [-0.1]}, r"alpha must be in \[0, 1\]"),
-        ({"alphas": [float("nan")]}, r"alpha must be in \[0, 1\]"),
-        ({"edge_branches": [4]}, r"integer in 1\.\.3"),
-        ({"edge_branches": [0]}, r"integer in 1\.\.3"),
-        ({"distortion": "fog"}, "unknown distortion 'fog'; known: gaussian_blur"),
+        ({"strategies": ["ee", "greedy"]}, r"unknown strategy 'greedy' in experiment.strategies\[1\]; known: conv"),
+        ({"alphas": [1.5]}, r"experiment.alphas\[0\]: must be <= 1, got 1.5"),
+        ({"alphas": [-0.1]}, r"experiment.alphas\[0\]: must be >= 0"),
+        ({"alphas": [float("nan")]}, r"experiment.alphas\[0\]: must be a finite number"),
+        ({"edge_branches": [4]}, r"experiment.edge_branches\[0\]: must be in 1\.\.3"),
+        ({"edge_branches": [0]}, r"experiment.edge_branches\[0\]: must be in 1\.\.3"),
+        ({"distortion": "fog"}, "unknown distortion 'fog' in experiment.distortion; known: gaussian_blur"),
         ({"levels": [-1.0]}, "finite number >= 0"),
         ({"limit": 0}, "positive number of test samples"),
-        ({"strategies": []}, "at least one strategy"),
+        ({"strategies": []}, "experiment.strategies: must not be empty"),
     ],
 )
 def test_bad_input_is_a_user_error(tiny: Tiny, kwargs: dict, match: str) -> None:

@@ -18,6 +18,8 @@ from edgeexit.errors import UserError
 from edgeexit.serving.link import LinkProxy, LinkSpec, parse_address, run_link_in_thread
 from edgeexit.serving.probe import MAX_SOURCE_BYTES, probe_link, probe_router
 
+pytestmark = pytest.mark.slow  # starts real servers
+
 RTT_MS = 20.0
 MBIT = 40.0
 

@@ -7,16 +7,19 @@ import pytest
 import torch
 
 from edgeexit.errors import UserError
-from edgeexit.evaluate.records import executed_macs
 from edgeexit.model.costs import CostTable
 from edgeexit.policy import (
     CLOUD,
+    CONVENTIONAL,
     POLICIES,
+    POLICY_NAMES,
     STRATEGIES,
     Outcome,
     Policy,
     apply_policy,
     make_policy,
+    policy_for,
+    threshold_for,
 )
 
 # 4 samples, 3 classes, 3 edge exits. Normalised entropies (H / ln 3), by hand:
@@ -46,7 +49,8 @@ def check(out: Outcome, exit_: list[int], heads: list[int], label: list[int], co
 
 
 def test_strategies_match_registry() -> None:
-    assert sorted(STRATEGIES) == POLICIES.names()
+    assert sorted(POLICY_NAMES) == POLICIES.names()
+    assert STRATEGIES == (*POLICY_NAMES, CONVENTIONAL)
 
 
 @pytest.mark.parametrize(
@@ -156,11 +160,18 @@ def test_entropy_extremes() -> None:
     assert make_policy("entropy", 0.999).decide([probs], 1).stop.tolist() == [True, False]
 
 
-def test_conventional_goes_to_the_cloud() -> None:
-    out = apply_policy(make_policy("conventional", 0.8), [], FINAL)
-    check(out, [0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 2, 2], [0.7, 0.7, 0.7, 0.8])
-    assert not out.at_edge.any()
-    assert not make_policy("conventional", 0.0).decide(EDGE, 3).stop.any()
+def test_conventional_is_a_model_role_not_a_policy() -> None:
+    # The cloud-only DNN is a strategy to compare against, but no edge policy: asking for one says so.
+    assert CONVENTIONAL in STRATEGIES and CONVENTIONAL not in POLICIES
+    with pytest.raises(UserError, match="cloud-only DNN, not an edge policy"):
+        make_policy(CONVENTIONAL, 0.8)
+
+
+def test_threshold_for_is_one_strictness_knob() -> None:
+    assert threshold_for("ee", 0.8) == 0.8 and threshold_for("ensemble", 0.3) == 0.3
+    assert threshold_for("entropy", 0.8) == pytest.approx(0.2)  # stricter alpha: lower entropy bound
+    assert policy_for("entropy", 0.8).threshold == pytest.approx(0.2)
+    assert policy_for("ee", 0.8).threshold == 0.8
 
 
 def _online(policy: Policy, edge: list[torch.Tensor], final: torch.Tensor) -> Outcome:
@@ -228,8 +239,6 @@ def test_bad_decide_calls() -> None:
         policy.decide(EDGE, 2)
     with pytest.raises(ValueError, match="same"):
         policy.decide([EDGE[0], EDGE[1][:2]], 2)
-    with pytest.raises(ValueError, match="conventional"):
-        apply_policy(make_policy("conventional", 0.8), EDGE, FINAL)
     with pytest.raises(ValueError, match="at least one"):
         apply_policy(policy, [], FINAL)
     with pytest.raises(ValueError, match="batch sizes"):
@@ -246,9 +255,13 @@ COSTS = CostTable(
 )
 
 
-def _outcome(exit_: list[int], heads: list[int]) -> Outcome:
-    n = len(exit_)
-    return Outcome(torch.tensor(exit_), torch.tensor(heads), torch.zeros(n, dtype=torch.int64), torch.ones(n))
+def executed_macs(costs: CostTable, outcome: tuple[list[int], list[int]] | Outcome, k: int) -> np.ndarray:
+    exits, heads = (outcome.exit, outcome.heads) if isinstance(outcome, Outcome) else outcome
+    return costs.executed_macs(np.asarray(exits), np.asarray(heads), k)
+
+
+def _outcome(exit_: list[int], heads: list[int]) -> tuple[list[int], list[int]]:
+    return exit_, heads
 
 
 def test_executed_macs_by_hand() -> None:
@@ -260,9 +273,7 @@ def test_executed_macs_by_hand() -> None:
     assert executed_macs(COSTS, _outcome([1, 0], [1, 2]), 2).tolist() == [11, 108]
     # ensemble, k = 2: every sample evaluated both heads; at the edge = 30 + 3.
     assert executed_macs(COSTS, _outcome([2, 0], [2, 2]), 2).tolist() == [33, 108]
-    # conventional: the whole conventional network for every sample.
-    assert executed_macs(COSTS, _outcome([0, 0], [0, 0]), 0, conventional_macs=777).tolist() == [777, 777]
-    # k = 0 without conventional_macs: the backbone alone.
+    # k = 0: the backbone alone (the conventional DNN of the same backbone).
     assert executed_macs(COSTS, _outcome([0], [0]), 0).tolist() == [COSTS.total_macs]
 
 

@@ -1,7 +1,7 @@
 """The served system takes the offline engine's decisions: same exits, predictions, MACs and confidences.
 
 Offline: `evaluate.sweep.evaluate_run` (cached calibrated probabilities of a batched forward pass, then
-`policy.apply_policy` and `records.executed_macs`). Online: PNG camera images through a real `EdgeRunner`
+`policy.apply_policy` and `CostTable.executed_macs`). Online: PNG camera images through a real `EdgeRunner`
 (stage by stage, batch size 1) and a real cloud server over HTTP with the fp32 wire.
 
 Batched convolutions do not round like batch-1 ones: on this random net the final logits differ by up to
@@ -12,23 +12,25 @@ decisions must still be identical and the confidences agree within 1e-4.
 
 from __future__ import annotations
 
+import copy
 import shutil
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from test_cloud import build_tiny_run, one_torch_thread, tiny_images  # noqa: F401 (autouse fixture)
+from tinyrun import tiny_images
 
 from edgeexit.config import RunConfig
 from edgeexit.data import distort
 from edgeexit.evaluate.sweep import evaluate_run
-from edgeexit.experiment.online import png_bytes
-from edgeexit.serving.app_util import start_server
-from edgeexit.serving.cloud import create_cloud_app
-from edgeexit.serving.edge import EdgeAnswer, EdgeRunner
+from edgeexit.serving.cloud_app import create_cloud_app
+from edgeexit.serving.edge_runner import EdgeAnswer, load_runner
+from edgeexit.serving.images import png_bytes
+from edgeexit.serving.server import start_server
+
+pytestmark = pytest.mark.slow  # starts real servers
 
 N = 24
 LEVELS = [0.0, 1.2]  # gaussian blur sigma
@@ -38,15 +40,15 @@ STRATEGIES = ["ee", "ensemble", "ensemble-mean", "entropy", "conventional"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunConfig]:
-    root = tmp_path_factory.mktemp("run")
-    return root, build_tiny_run(root)
+def run(tiny_run: tuple[Path, RunConfig]) -> tuple[Path, RunConfig]:
+    return tiny_run
 
 
 def _offline(root: Path, cfg: RunConfig, batch_size: int, where: Path) -> pd.DataFrame:
     """The offline engine's records in a copy of the run (its own probability cache) at `batch_size`."""
     shutil.copytree(root, where, ignore=shutil.ignore_patterns("cache"))
-    cfg = replace(cfg, experiment=replace(cfg.experiment, batch_size=batch_size))
+    cfg = copy.deepcopy(cfg)
+    cfg.experiment.batch_size = batch_size
     records, _ = evaluate_run(where, cfg, distortion="gaussian_blur", levels=LEVELS, alphas=[ALPHA],
                               edge_branches=KS, strategies=STRATEGIES, limit=N)  # fmt: skip
     return records
@@ -71,7 +73,7 @@ def online(run: tuple[Path, RunConfig]) -> Iterator[dict[tuple[float, str, int],
     ids, clean = tiny_images(root, cfg, N)
     answers: dict[tuple[float, str, int], list[EdgeAnswer]] = {}
     with start_server(create_cloud_app(root)) as srv:
-        base = EdgeRunner.from_run(root, strategy="ee", alpha=ALPHA, cloud_url=srv.url, precision="fp32")
+        base = load_runner(root, strategy="ee", alpha=ALPHA, cloud_url=srv.url, precision="fp32")
         with base:
             for level in LEVELS:
                 images = distort(clean, "gaussian_blur", level, seeds=[int(i) for i in ids])

@@ -24,8 +24,8 @@ from edgeexit.errors import UserError
 from edgeexit.model import load_checkpoint, load_spec
 from edgeexit.rundir import RunDir
 from edgeexit.train import collect_logits, load_split_data, prepare_data, train_model
+from edgeexit.train.data import _shift
 from edgeexit.train.distributed import DistInfo, shard
-from edgeexit.train.loop import _shift
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -205,19 +205,21 @@ def test_conventional_final_exit_needs_ee_checkpoint(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("section", "key", "value", "match"),
     [
-        ("train", "exit_weights", [1.0, 1.0], "one weight per exit"),
-        ("train", "optimizer", "rmsprop", "adam, sgd"),
+        ("train", "exit_weights", [1.0, 1.0], "train.exit_weights: .* one weight per exit"),
+        ("train", "optimizer", "rmsprop", "train.optimizer: must be one of adam, sgd"),
         ("train", "schedule", "step", "cosine, constant"),
-        ("train", "epochs", 0, "epochs"),
-        ("train", "distortion", "fog", "gaussian_blur"),
+        ("train", "epochs", 0, "train.epochs: must be >= 1, got 0"),
+        ("train", "distortion", "fog", "in train.distortion; known: gaussian_blur"),
         ("dataset", "name", "mnist60k", "mnist5k"),
     ],
 )
 def test_bad_training_config(tmp_path: Path, section: str, key: str, value: object, match: str) -> None:
+    """A bad value is refused when assigned; one that breaks a rule across fields when training starts."""
     cfg = tiny_config(epochs=1)
-    setattr(getattr(cfg, section), key, value)
     with pytest.raises(UserError, match=match):
+        setattr(getattr(cfg, section), key, value)
         train_model(tmp_path / "run", cfg, "ee")
+    assert not (tmp_path / "run" / "ee").exists()
 
 
 def test_unknown_model_kind(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import safetensors.torch
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import decode_json_list, json_list_payload
 
 from edgeexit.errors import UserError
 from edgeexit.serving.wire import (
@@ -16,11 +17,9 @@ from edgeexit.serving.wire import (
     PRECISIONS,
     OffloadPayload,
     PayloadError,
-    decode_json_list,
     decode_payload,
     encode_payload,
     has_non_finite,
-    json_list_payload,
 )
 
 META = {"model_hash": "ab12", "k": 2, "request_id": "req-7"}

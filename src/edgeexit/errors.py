@@ -1,5 +1,17 @@
-"""The one exception a user can cause; the CLI prints it as a single line and exits non-zero."""
+"""One root for every error edgeexit raises on purpose; the CLI prints any of them as one line, exit code 2.
+
+    EdgeExitError
+    ├── UserError        bad input from the user (unknown name, bad path, malformed value)
+    ├── PayloadError     an offload body that is not a valid payload (serving.wire)
+    └── OffloadFailed    the cloud gave no usable answer (serving.client)
+"""
+
+__all__ = ["EdgeExitError", "UserError"]
 
 
-class UserError(ValueError):
+class EdgeExitError(Exception):
+    """The root of edgeexit's own exceptions: catch this to catch them all."""
+
+
+class UserError(EdgeExitError, ValueError):
     """Bad input from the user (unknown name, bad path, malformed value); the message says what is accepted."""

@@ -23,7 +23,11 @@ from edgeexit.errors import UserError
 from edgeexit.registry import Registry
 
 CLOUD = 0
-STRATEGIES = ("ee", "ensemble", "ensemble-mean", "entropy", "conventional")
+# The conventional DNN is a model role, not a policy: it runs whole in the cloud and never decides at the edge.
+# It is still a strategy a user compares against (records, configs, figures), under this name.
+CONVENTIONAL = "conventional"
+POLICY_NAMES = ("ee", "ensemble", "ensemble-mean", "entropy")
+STRATEGIES = (*POLICY_NAMES, CONVENTIONAL)
 
 
 @dataclass
@@ -209,42 +213,35 @@ class MeanEnsemblePolicy(_EnsemblePolicy):
         return [1.0 / k] * k
 
 
-@POLICIES.register("conventional")
-class ConventionalPolicy(Policy):
-    """The conventional DNN runs wholly in the cloud: the edge never answers."""
-
-    name = "conventional"
-    decides_every_exit = False
-
-    def decide(self, probs: Sequence[torch.Tensor], k: int) -> Decision:
-        """Never stop at the edge (label/confidence of the given exit, for completeness)."""
-        _check_probs(probs, k)
-        label, conf = _max_label(probs[-1])
-        return _decision(torch.zeros_like(label, dtype=torch.bool), label, conf)
+def threshold_for(strategy: str, alpha: float) -> float:
+    """The policy threshold for strictness alpha in [0, 1]: 1 - alpha for `entropy` (a normalised entropy
+    bound), alpha for the others (a probability bound)."""
+    return 1.0 - alpha if strategy == "entropy" else alpha
 
 
 def make_policy(name: str, threshold: float, ensemble_weights: Sequence[float] | None = None) -> Policy:
     """The policy registered as `name` with its threshold; only 'ensemble' uses `ensemble_weights`."""
+    if name == CONVENTIONAL:
+        raise UserError(
+            "'conventional' is the cloud-only DNN, not an edge policy; known policies: " + ", ".join(POLICIES.names())
+        )
     factory = POLICIES.get(name)
     if name == "ensemble":
         return factory(threshold, ensemble_weights)
     return factory(threshold)
 
 
-def apply_policy(policy: Policy, edge_probs: Sequence[torch.Tensor], final_probs: torch.Tensor) -> Outcome:
-    """Vectorised offline path: run `policy` over k = len(edge_probs) exits; unstopped samples go to the cloud.
+def policy_for(strategy: str, alpha: float, ensemble_weights: Sequence[float] | None = None) -> Policy:
+    """The policy of `strategy` at strictness alpha (see `threshold_for`)."""
+    return make_policy(strategy, threshold_for(strategy, alpha), ensemble_weights)
 
-    For 'conventional' pass edge_probs=[] and the conventional DNN's probabilities as final_probs.
-    """
+
+def apply_policy(policy: Policy, edge_probs: Sequence[torch.Tensor], final_probs: torch.Tensor) -> Outcome:
+    """Vectorised offline path: run `policy` over k = len(edge_probs) exits; unstopped samples go to the cloud."""
     k = len(edge_probs)
     if final_probs.dim() != 2:
         raise ValueError(f"final_probs must be [B, C], got shape {tuple(final_probs.shape)}")
-    if isinstance(policy, ConventionalPolicy):
-        if k:
-            raise ValueError(
-                "strategy 'conventional' uses no edge exits: pass edge_probs=[] and its own probabilities"
-            )
-    elif k < 1:
+    if k < 1:
         raise ValueError(f"strategy {policy.name!r} needs at least one edge exit's probabilities")
     elif edge_probs[0].shape[0] != final_probs.shape[0]:
         raise ValueError(

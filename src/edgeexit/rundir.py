@@ -17,12 +17,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeexit.atomic import atomic_write_bytes
 from edgeexit.config import RunConfig
 from edgeexit.data.preprocess import Preprocessing, preprocessing_for
 from edgeexit.data.sources import ImageDataset, load_dataset
 from edgeexit.data.splits import Split, make_split
 from edgeexit.errors import UserError
-from edgeexit.model.checkpoint import atomic_write_bytes
 
 __all__ = ["RunDir", "prepare_data"]
 

@@ -104,57 +104,24 @@ def _check_quality(level: float) -> float:
 # ---- Gaussian blur -------------------------------------------------------------------------------------
 
 
-def _blur_taps(sigma: float, n: int) -> tuple[list[int], list[float]]:
-    """Offsets and float64 weights of the 1-D Gaussian along an axis of length n (mirror boundary).
-
-    Radius ceil(3*sigma), weights normalised to sum 1. Mirror padding is periodic with period 2(n-1),
-    so when the radius exceeds n-1 the taps are folded modulo that period: the result equals
-    scipy.ndimage's "mirror" mode for any radius, with at most 2(n-1) taps.
-    """
-    r = math.ceil(3.0 * sigma)
-    x = np.arange(-r, r + 1, dtype=np.float64)
-    w = np.exp(-0.5 * (x / sigma) ** 2)
-    w /= w.sum()
-    if r <= n - 1:
-        return list(range(-r, r + 1)), w.tolist()
-    period = 2 * (n - 1)
-    folded: dict[int, float] = {}
-    for off, wk in zip(range(-r, r + 1), w.tolist(), strict=True):
-        key = (off + n - 1) % period - (n - 1)  # representative in [-(n-1), n-2]
-        folded[key] = folded.get(key, 0.0) + wk
-    offs = sorted(folded)
-    return offs, [folded[o] for o in offs]
-
-
-def _blur_axis(x: torch.Tensor, sigma: float, dim: int) -> torch.Tensor:
-    """1-D Gaussian along `dim` of a float32 tensor, mirror boundary (scipy 'mirror', torch 'reflect').
-
-    A sum of shifted slices rather than a convolution: each output element is computed by the same
-    elementwise float32 ops whatever the batch size, so one image alone and in a batch agree bit-exactly.
-    """
-    n = x.shape[dim]
-    if n == 1:
-        return x  # a normalised kernel on a single mirrored pixel is the identity
-    offs, weights = _blur_taps(sigma, n)
-    lo, hi = -offs[0], offs[-1]
-    idx = torch.arange(-lo, n + hi, device=x.device)
-    idx = torch.where(idx < 0, -idx, idx)
-    idx = torch.where(idx > n - 1, 2 * (n - 1) - idx, idx)
-    padded = x.index_select(dim, idx)
-    out = padded.narrow(dim, lo + offs[0], n) * weights[0]
-    term = torch.empty_like(out)
-    for off, wk in zip(offs[1:], weights[1:], strict=True):
-        # A separate multiply and add (never a fused multiply-add), always in the same order.
-        torch.mul(padded.narrow(dim, off + lo, n), wk, out=term)
-        out.add_(term)
-    return out
-
-
 def _gaussian_blur(images: torch.Tensor, sigma: float, seeds: list[int]) -> torch.Tensor:
-    x = images.to(torch.float32)
-    x = _blur_axis(x, sigma, dim=-2)  # rows first, then columns: scipy's order for axes=(-2, -1)
-    x = _blur_axis(x, sigma, dim=-1)
-    return x.round_().clamp_(0, 255).to(torch.uint8)
+    """Gaussian blur of uint8 [B,3,H,W] over H and W: radius ceil(3*sigma), mirror boundary.
+
+    scipy.ndimage.gaussian_filter in float64 (kernel normalised to sum 1, rows then columns, mirror
+    padding folded for any radius, so a radius larger than the image is fine), then rounded half to
+    even and clipped back to uint8. Every image line is filtered on its own, so an image gives the same
+    pixels alone or in a batch. Computed on the CPU whatever the tensor's device.
+    """
+    from scipy import ndimage  # lazily: importing edgeexit.data must not load scipy
+
+    x = images.detach().to("cpu").numpy()  # uint8: scipy reads each line into float64 buffers exactly
+    # Sigma 0 on the batch and channel axes: scipy skips them (= axes=(-2, -1), which needs scipy >= 1.11).
+    out = ndimage.gaussian_filter(
+        x, (0.0, 0.0, sigma, sigma), mode="mirror", radius=math.ceil(3.0 * sigma), output=np.float64
+    )
+    np.rint(out, out=out)
+    np.clip(out, 0, 255, out=out)
+    return torch.from_numpy(out.astype(np.uint8)).to(images.device)
 
 
 # ---- Gaussian noise ------------------------------------------------------------------------------------

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgeexit.atomic import atomic_write_bytes
 from edgeexit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -89,18 +88,9 @@ class Split:
 
     def save(self, path: Path) -> None:
         """Write the split as JSON, atomically (temp file in the same directory, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         doc = {"format": _FORMAT, "version": _VERSION, "seed": self.seed}
         doc.update({n: getattr(self, n).tolist() for n in SUBSETS})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, json.dumps(doc).encode())
 
     @classmethod
     def load(cls, path: Path) -> Split:

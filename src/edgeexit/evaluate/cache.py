@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,65 +20,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
-from tqdm import tqdm
 
-from edgeexit.data.preprocess import Preprocessing
-from edgeexit.model.checkpoint import atomic_write_bytes
+from edgeexit.atomic import atomic_write_bytes
+from edgeexit.inference import exit_probabilities
 from edgeexit.model.spec import ModelSpec
 from edgeexit.rundir import RunDir
 
-__all__ = ["exit_probabilities", "cached_probabilities", "cache_path", "sample_digest", "CACHE_FORMAT"]
+__all__ = ["cached_probabilities", "cache_path", "sample_digest", "CACHE_FORMAT"]
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "edgeexit-probs-v1"
-
-
-def _calibrated_probs(logits: Sequence[torch.Tensor], temperatures: Sequence[float] | None) -> list[torch.Tensor]:
-    # Imported late: train/ is a sibling layer and this keeps `import edgeexit.evaluate.cache` light.
-    from edgeexit.train.calibrate import calibrated_probs
-
-    return calibrated_probs(logits, temperatures)
-
-
-def exit_probabilities(
-    net: nn.Module,
-    spec: ModelSpec,
-    images_uint8: torch.Tensor,
-    prep: Preprocessing,
-    batch_size: int,
-) -> list[torch.Tensor]:
-    """Calibrated probabilities [n, C] (on the CPU) of every exit, final last: batched, no_grad, eval mode.
-
-    Batches are moved to the device of `net`; `spec.temperatures` (None: plain softmax) calibrates them.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if images_uint8.ndim != 4:
-        raise ValueError(f"images must be uint8 [n, 3, H, W], got shape {tuple(images_uint8.shape)}")
-    n = images_uint8.shape[0]
-    n_exits = spec.num_exits  # a conventional spec has 0 branches: 1 exit
-    if spec.temperatures is not None and len(spec.temperatures) != n_exits:
-        raise ValueError(f"spec has {len(spec.temperatures)} temperatures for {n_exits} exits")
-    device = next(net.parameters()).device
-    was_training = net.training
-    net.eval()
-    chunks: list[list[torch.Tensor]] = [[] for _ in range(n_exits)]
-    try:
-        with torch.no_grad():
-            starts = range(0, n, batch_size)
-            for start in tqdm(starts, desc="forward", unit="batch", disable=None, leave=False):
-                x = prep.normalize(images_uint8[start : start + batch_size].to(device))
-                logits = net(x)
-                if len(logits) != n_exits:
-                    raise ValueError(f"model gave {len(logits)} exits, its spec says {n_exits}")
-                for i, p in enumerate(_calibrated_probs(logits, spec.temperatures)):
-                    chunks[i].append(p.cpu())
-    finally:
-        net.train(was_training)
-    if n == 0:
-        return [torch.empty((0, spec.num_classes)) for _ in range(n_exits)]
-    return [torch.cat(c) for c in chunks]
+# v2: blur through scipy.ndimage (equal to v1 up to float rounding); v1 entries are never reused.
+CACHE_FORMAT = "edgeexit-probs-v2"
 
 
 def sample_digest(sample_ids: Any) -> str:
@@ -93,7 +45,7 @@ def cache_path(run: RunDir, spec: ModelSpec, distortion: str, level: float) -> P
     return run.cache / spec.content_hash / distortion / f"{float(level)!r}.safetensors"
 
 
-def _metadata(which: str, spec: ModelSpec, level_key: dict, prep: Preprocessing, n_exits: int) -> dict[str, str]:
+def _metadata(which: str, spec: ModelSpec, level_key: dict, n_exits: int) -> dict[str, str]:
     return {
         "format": CACHE_FORMAT,
         "model": which,
@@ -103,7 +55,7 @@ def _metadata(which: str, spec: ModelSpec, level_key: dict, prep: Preprocessing,
         "samples": sample_digest(level_key["sample_ids"]),
         "n": str(len(np.asarray(level_key["sample_ids"]).reshape(-1))),
         "exits": str(n_exits),
-        "preprocessing": json.dumps(prep.to_dict(), sort_keys=True),
+        "preprocessing": json.dumps(spec.preprocessing.to_dict(), sort_keys=True),
     }
 
 
@@ -137,10 +89,9 @@ def cached_probabilities(
     spec: ModelSpec,
     images_uint8: torch.Tensor,
     level_key: dict,
-    prep: Preprocessing,
     batch_size: int,
 ) -> list[torch.Tensor]:
-    """`exit_probabilities` of already-distorted images, loaded from the run's cache when it holds them.
+    """`inference.exit_probabilities` of already-distorted images, loaded from the run's cache when it holds them.
 
     `level_key` = {"distortion": name, "level": float, "sample_ids": ids of the images, in order}; a file
     whose metadata (content hash, distortion, level, sample-id digest, preprocessing, exits) differs is
@@ -155,13 +106,13 @@ def cached_probabilities(
     if n_ids != images_uint8.shape[0]:
         raise ValueError(f"{n_ids} sample ids for {images_uint8.shape[0]} images")
     n_exits = spec.num_exits  # a conventional spec has 0 branches: 1 exit
-    meta = _metadata(which, spec, level_key, prep, n_exits)
+    meta = _metadata(which, spec, level_key, n_exits)
     path = cache_path(run, spec, meta["distortion"], float(level_key["level"]))
     hit = _load_hit(path, meta, n_exits)
     if hit is not None:
         log.debug("cache hit %s", path)
         return hit
-    probs = exit_probabilities(net, spec, images_uint8, prep, batch_size)
+    probs = exit_probabilities(net, spec, images_uint8, batch_size)
     tensors = {f"exit_{i}": p.contiguous() for i, p in enumerate(probs, start=1)}
     tensors["sample_ids"] = torch.from_numpy(np.array(level_key["sample_ids"], dtype=np.int64).reshape(-1))
     atomic_write_bytes(path, save_safetensors(tensors, metadata=meta))

@@ -1,10 +1,11 @@
 """Offline sweep: one forward pass per (image, level) answers every strategy, alpha and edge-branch count.
 
 `evaluate_run` distorts the test split once per level, runs the calibrated EE-DNN and the conventional DNN
-once each (through the cache), and evaluates the whole grid from those probabilities with the same `Policy`
-code the edge runner uses. `direct_records` is the reference "authors' way": it re-distorts and re-runs the
-models for every configuration, takes the decisions exit by exit and counts MACs from the cost table; the
-tests hold both equal and the benchmark times one against the other.
+once each (through the cache, `inference.exit_probabilities`), and evaluates the whole grid from those
+probabilities with the same `Policy` code the edge runner uses. The conventional DNN is a model role, not a
+policy: its rows come from its own probabilities (`conventional_columns`), every other strategy's from a
+policy over the EE-DNN's exits (`policy_columns`). The tests hold the sweep equal to a reference that
+re-runs the models for every configuration the authors' way (tests/reference.py).
 
 Conventions of the grid:
 - alpha is one "strictness" knob for every strategy, in [0, 1]: `ee`, `ensemble` and `ensemble-mean` answer
@@ -19,9 +20,7 @@ Conventions of the grid:
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,37 +32,35 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from edgeexit.atomic import atomic_write_bytes
 from edgeexit.config import RunConfig
-from edgeexit.data.distortions import DISTORTIONS, check_level, distort
-from edgeexit.data.preprocess import Preprocessing, load_uint8
+from edgeexit.data.distortions import check_level, distort
+from edgeexit.data.preprocess import load_uint8
 from edgeexit.devices import resolve_device
 from edgeexit.errors import UserError
 from edgeexit.evaluate.aggregate import summarize
-from edgeexit.evaluate.cache import _calibrated_probs, cached_probabilities
+from edgeexit.evaluate.cache import cached_probabilities
 from edgeexit.evaluate.records import (
     RECORD_COLUMNS,
     RECORD_DTYPES,
-    concat_records,
     empty_records,
-    executed_macs,
     write_records,
 )
-from edgeexit.model.checkpoint import SPEC, atomic_write_bytes, load_checkpoint, load_spec
+from edgeexit.model.checkpoint import SPEC, load_checkpoint, load_spec
 from edgeexit.model.costs import PRECISION_BYTES, CostTable, cost_table
 from edgeexit.model.spec import ModelSpec
-from edgeexit.policy import CLOUD, POLICIES, STRATEGIES, Outcome, apply_policy, make_policy
+from edgeexit.policy import CLOUD, CONVENTIONAL, STRATEGIES, Outcome, apply_policy, policy_for
 from edgeexit.rundir import RunDir, prepare_data
 
 __all__ = [
     "Grid",
-    "check_grid",
-    "threshold_for",
-    "payload_table",
-    "sweep_records",
-    "direct_records",
+    "RecordColumns",
+    "grid_of",
+    "conventional_columns",
     "evaluate_run",
     "format_summary",
-    "preprocessing_of",
+    "payload_table",
+    "policy_columns",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,44 +81,16 @@ def _unique(values: Sequence[Any]) -> tuple[Any, ...]:
     return tuple(dict.fromkeys(values))
 
 
-def check_grid(
-    distortion: str,
-    levels: Sequence[float],
-    alphas: Sequence[float],
-    edge_branches: Sequence[int],
-    strategies: Sequence[str],
-    num_branches: int,
-) -> Grid:
-    """Validate a grid against a model with `num_branches` side branches; UserError says what is accepted."""
-    DISTORTIONS.get(distortion)  # unknown name -> UserError listing the known ones
-    for name, values in (("levels", levels), ("alphas", alphas), ("edge branches", edge_branches)):
-        if len(values) == 0:
-            raise UserError(f"give at least one value for {name}")
-    if len(strategies) == 0:
-        raise UserError(f"give at least one strategy; known: {', '.join(STRATEGIES)}")
-    for s in strategies:
-        POLICIES.get(s)
-    lv = _unique(check_level(distortion, v) for v in levels)
-    al: list[float] = []
-    for a in alphas:
-        try:
-            f = float(a)
-        except (TypeError, ValueError):
-            raise UserError(f"alpha must be a number in [0, 1], got {a!r}") from None
-        if math.isnan(f) or not 0.0 <= f <= 1.0:
-            raise UserError(f"alpha must be in [0, 1] (0 = always answer at the edge), got {a!r}")
-        al.append(f)
-    ks: list[int] = []
-    for k in edge_branches:
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= num_branches:
-            raise UserError(f"edge branches k must be an integer in 1..{num_branches} (this model's branches), got {k!r}")
-        ks.append(int(k))
-    return Grid(distortion, lv, _unique(al), _unique(ks), _unique(strategies))
-
-
-def threshold_for(strategy: str, alpha: float) -> float:
-    """The policy threshold for strictness alpha: 1 - alpha for `entropy`, alpha for the others."""
-    return 1.0 - alpha if strategy == "entropy" else alpha
+def grid_of(cfg: RunConfig, num_branches: int) -> Grid:
+    """The evaluation grid of a (validated) config's [experiment] table, duplicates dropped, for a model with
+    `num_branches` side branches; a k beyond them is a UserError."""
+    exp = cfg.experiment
+    for k in exp.edge_branches:
+        if not 1 <= k <= num_branches:
+            raise UserError(f"edge branches k must be an integer in 1..{num_branches} (this model's branches), got {k}")
+    levels = _unique(check_level(exp.distortion, v) for v in exp.levels)  # as floats
+    return Grid(exp.distortion, levels, _unique(float(a) for a in exp.alphas), _unique(exp.edge_branches),
+                _unique(exp.strategies))  # fmt: skip
 
 
 def payload_table(costs: CostTable, precision: str, conventional_input_bytes: int) -> list[int]:
@@ -132,12 +101,7 @@ def payload_table(costs: CostTable, precision: str, conventional_input_bytes: in
     return [int(conventional_input_bytes)] + [costs.split_bytes_at(k, precision) for k in range(1, n + 1)]
 
 
-def preprocessing_of(spec: ModelSpec) -> Preprocessing:
-    """How the model's inputs were prepared in training: its spec's size, resize and mean/std."""
-    return Preprocessing(spec.input_size, spec.resize_size, tuple(spec.mean), tuple(spec.std))
-
-
-class _Columns:
+class RecordColumns:
     """Record columns of many configurations, gathered as numpy blocks and turned into one DataFrame at the end.
 
     Building a DataFrame per configuration costs milliseconds of pandas overhead each; the whole paper grid is
@@ -155,7 +119,7 @@ class _Columns:
 
     def add(self, outcome: Outcome, *, ids: np.ndarray, labels: np.ndarray, macs: np.ndarray, payload: int,
             **config: Any) -> None:
-        """One configuration's outcome (same semantics as `records.outcome_records`)."""
+        """One configuration's outcome: per-sample columns plus its constants (dataset, level, strategy...)."""
         exits = outcome.exit.numpy()
         pred = outcome.label.numpy()
         at_edge = exits != CLOUD
@@ -176,7 +140,7 @@ class _Columns:
             self.config[c].append(config[c])
         self.sizes.append(len(exits))
 
-    def extend(self, other: _Columns) -> None:
+    def extend(self, other: RecordColumns) -> None:
         """Append another collection's configurations."""
         for c in self._PER_SAMPLE:
             self.blocks[c].extend(other.blocks[c])
@@ -204,181 +168,68 @@ class _Columns:
 _STR = frozenset(c for c, t in RECORD_DTYPES.items() if t == "str")
 
 
-def _sweep_columns(
+def policy_columns(
     ee_probs: list[torch.Tensor],
-    conv_probs: torch.Tensor | None,
-    labels: Any,
-    sample_ids: Any,
+    labels: np.ndarray,
+    sample_ids: np.ndarray,
     *,
     costs: CostTable,
-    conv_macs: int | None,
     ee_spec: ModelSpec,
+    strategy: str,
     alphas: Sequence[float],
     edge_branches: Sequence[int],
-    strategies: Sequence[str],
-    meta: dict,
+    where: dict[str, Any],
     payload_bytes: Sequence[int],
-) -> _Columns:
-    ids = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
-    label_arr = np.asarray(labels, dtype=np.int64).reshape(-1)
-    n = ids.shape[0]
-    final = ee_probs[-1]
-    if label_arr.shape[0] != n or any(p.shape[0] != n for p in ee_probs):
-        raise ValueError(f"labels ({label_arr.shape[0]}), sample ids ({n}) and probabilities must have one row per sample")
-    out = _Columns()
-    where = {"dataset": meta["dataset"], "distortion": meta["distortion"], "level": float(meta["level"])}
-    for strategy in strategies:
-        if strategy == "conventional":
-            if conv_probs is None or conv_macs is None:
-                raise ValueError("strategy 'conventional' needs conv_probs and conv_macs")
-            outcome = apply_policy(make_policy("conventional", 0.0), [], conv_probs)
-            macs = executed_macs(costs, outcome, 0, conv_macs)
-            for alpha in alphas:
-                for k in edge_branches:
-                    out.add(outcome, ids=ids, labels=label_arr, macs=macs, payload=payload_bytes[0],
-                            strategy=strategy, alpha=float(alpha), k=int(k), **where)  # fmt: skip
-            continue
-        for alpha in alphas:
-            policy = make_policy(strategy, threshold_for(strategy, alpha), ee_spec.ensemble_weights)
-            for k in edge_branches:
-                outcome = apply_policy(policy, ee_probs[:k], final)
-                out.add(outcome, ids=ids, labels=label_arr, macs=executed_macs(costs, outcome, k),
-                        payload=payload_bytes[k], strategy=strategy, alpha=float(alpha), k=int(k), **where)  # fmt: skip
+) -> RecordColumns:
+    """Rows of one edge policy over every (alpha, k) of one level, from the EE-DNN's calibrated probabilities.
+
+    `ee_probs`: every EE exit, final last; `where`: dataset, distortion, level; `payload_bytes`: see
+    `payload_table`. Decisions by `policy.apply_policy`, MACs by `CostTable.executed_macs`.
+    """
+    n = sample_ids.shape[0]
+    if labels.shape[0] != n or any(p.shape[0] != n for p in ee_probs):
+        raise ValueError(f"labels ({labels.shape[0]}), sample ids ({n}) and probabilities need one row per sample")
+    out = RecordColumns()
+    for alpha in alphas:
+        policy = policy_for(strategy, alpha, ee_spec.ensemble_weights)
+        for k in edge_branches:
+            outcome = apply_policy(policy, ee_probs[:k], ee_probs[-1])
+            macs = costs.executed_macs(outcome.exit.numpy(), outcome.heads.numpy(), k)
+            out.add(outcome, ids=sample_ids, labels=labels, macs=macs, payload=payload_bytes[k],
+                    strategy=strategy, alpha=float(alpha), k=int(k), **where)  # fmt: skip
     return out
 
 
-def sweep_records(
-    ee_probs: list[torch.Tensor],
-    conv_probs: torch.Tensor | None,
-    labels: Any,
-    sample_ids: Any,
+def conventional_columns(
+    conv_probs: torch.Tensor,
+    labels: np.ndarray,
+    sample_ids: np.ndarray,
     *,
-    costs: CostTable,
-    conv_macs: int | None,
-    ee_spec: ModelSpec,
+    conv_macs: int,
     alphas: Sequence[float],
     edge_branches: Sequence[int],
-    strategies: Sequence[str],
-    meta: dict,
-    payload_bytes: Sequence[int],
-) -> pd.DataFrame:
-    """Records of every (strategy, alpha, k) of one level, from cached calibrated probabilities.
+    where: dict[str, Any],
+    payload_bytes: int,
+) -> RecordColumns:
+    """Rows of the cloud-only conventional DNN: every image answered in the cloud by its own final exit.
 
-    `ee_probs`: every EE exit, final last; `conv_probs`: the conventional DNN's [n, C] (needed only for
-    'conventional'); `meta`: dataset, distortion, level; `payload_bytes`: see `payload_table`. Decisions by
-    `policy.apply_policy`, MACs by `records.executed_macs`, rows as `records.outcome_records` makes them,
-    ordered strategy, alpha, k (as given), then sample. See the module docstring for alpha and conventional.
+    The same answers are repeated for every (alpha, k) of the grid (see the module docstring).
     """
-    return _sweep_columns(
-        ee_probs, conv_probs, labels, sample_ids, costs=costs, conv_macs=conv_macs, ee_spec=ee_spec,
-        alphas=alphas, edge_branches=edge_branches, strategies=strategies, meta=meta, payload_bytes=payload_bytes,
-    ).frame()  # fmt: skip
-
-
-def _split_probs(
-    net: nn.Module, spec: ModelSpec, images: torch.Tensor, prep: Preprocessing, k: int, batch_size: int
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Calibrated probabilities of edge exits 1..k and the final exit, run as edge_part(k) + cloud_part(k)."""
-    device = next(net.parameters()).device
-    temps = None if spec.temperatures is None else [*spec.temperatures[:k], spec.temperatures[-1]]
-    edge: list[list[torch.Tensor]] = [[] for _ in range(k)]
-    final: list[torch.Tensor] = []
-    net.eval()
-    with torch.no_grad():
-        for start in range(0, images.shape[0], batch_size):
-            x = prep.normalize(images[start : start + batch_size].to(device))
-            logits, h = net.edge_part(x, k)
-            probs = _calibrated_probs([*logits, net.cloud_part(h, k)], temps)
-            for i in range(k):
-                edge[i].append(probs[i].cpu())
-            final.append(probs[-1].cpu())
-    return [torch.cat(e) for e in edge], torch.cat(final)
-
-
-def direct_records(
-    net: nn.Module,
-    spec: ModelSpec,
-    conv_net: nn.Module | None,
-    conv_spec: ModelSpec | None,
-    images: torch.Tensor,
-    labels: Any,
-    sample_ids: Any,
-    *,
-    grid: Grid,
-    costs: CostTable,
-    conv_macs: int | None,
-    payload_bytes: Sequence[int],
-    dataset: str,
-    batch_size: int,
-    conv_images: torch.Tensor | None = None,
-) -> pd.DataFrame:
-    """Reference records the authors' way: distort, run the model and decide anew for every configuration.
-
-    No cache and no `apply_policy`/`executed_macs`: exits are decided step by step with `Policy.decide`
-    and MACs come from the cost table (`macs_to_exit(i)`, `macs_offloaded(k)`). `images` are the
-    undistorted uint8 test images (`conv_images` for the conventional DNN when its input size differs).
-    Rows come in `evaluate_run`'s order: level, strategy, alpha, k, sample.
-    """
-    ids = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
-    label_arr = np.asarray(labels, dtype=np.int64).reshape(-1)
-    prep = preprocessing_of(spec)
-    frames: list[pd.DataFrame] = []
-    configs = list(itertools.product(grid.levels, grid.strategies, grid.alphas, grid.edge_branches))
-    for level, strategy, alpha, k in tqdm(configs, desc="direct", unit="config", disable=None, leave=False):
-        if strategy == "conventional":
-            if conv_net is None or conv_spec is None or conv_macs is None:
-                raise ValueError("strategy 'conventional' needs conv_net, conv_spec and conv_macs")
-            src = images if conv_images is None else conv_images
-            x = distort(src, grid.distortion, level, seeds=ids.tolist())
-            _, final = _split_probs(conv_net, conv_spec, x, preprocessing_of(conv_spec), 0, batch_size)
-            conf, pred = final.max(dim=1)
-            exit_ = np.full(ids.shape, CLOUD, dtype=np.int64)
-            macs = np.full(ids.shape, conv_macs, dtype=np.int64)
-            payload = payload_bytes[0]
-        else:
-            x = distort(images, grid.distortion, level, seeds=ids.tolist())
-            edge, final = _split_probs(net, spec, x, prep, k, batch_size)
-            policy = make_policy(strategy, threshold_for(strategy, alpha), spec.ensemble_weights)
-            conf, pred = final.max(dim=1)
-            exit_t = torch.full(pred.shape, CLOUD, dtype=torch.int64)
-            pending = torch.ones(pred.shape, dtype=torch.bool)
-            for i in range(1, k + 1):  # as the edge runner does: decide after each branch
-                d = policy.decide(edge[:i], k)
-                take = pending & d.stop
-                exit_t[take] = i
-                pred[take] = d.label[take]
-                conf = torch.where(take, d.confidence, conf.to(torch.float32))
-                pending &= ~take
-            exit_ = exit_t.numpy()
-            to_exit = np.array([0] + [costs.macs_to_exit(i) for i in range(1, k + 1)], dtype=np.int64)
-            macs = np.where(exit_ == CLOUD, costs.macs_offloaded(k), to_exit[exit_])
-            payload = payload_bytes[k]
-        pred_np = pred.numpy().astype(np.int64)
-        at_edge = exit_ != CLOUD
-        frames.append(
-            pd.DataFrame(
-                {
-                    "dataset": dataset,
-                    "distortion": grid.distortion,
-                    "level": float(level),
-                    "strategy": strategy,
-                    "alpha": float(alpha),
-                    "k": int(k),
-                    "sample_id": ids,
-                    "label": label_arr,
-                    "prediction": pred_np,
-                    "confidence": conf.to(torch.float32).numpy().astype(np.float64),
-                    "exit": exit_,
-                    "at_edge": at_edge,
-                    "correct": pred_np == label_arr,
-                    "macs": macs,
-                    "payload_bytes": np.where(at_edge, 0, payload),
-                    "time_ms": np.nan,
-                    "outcome": "ok",
-                }
-            ).astype(RECORD_DTYPES)
-        )
-    return concat_records(frames)
+    n = sample_ids.shape[0]
+    confidence, label = conv_probs.max(dim=1)
+    outcome = Outcome(
+        exit=torch.full((n,), CLOUD, dtype=torch.int64),
+        heads=torch.zeros(n, dtype=torch.int64),
+        label=label.to(torch.int64),
+        confidence=confidence.to(torch.float32),
+    )
+    macs = np.full(n, int(conv_macs), dtype=np.int64)
+    out = RecordColumns()
+    for alpha in alphas:
+        for k in edge_branches:
+            out.add(outcome, ids=sample_ids, labels=labels, macs=macs, payload=payload_bytes,
+                    strategy=CONVENTIONAL, alpha=float(alpha), k=int(k), **where)  # fmt: skip
+    return out
 
 
 def _load_models(run: RunDir, cfg: RunConfig) -> tuple[nn.Module, ModelSpec, nn.Module | None, ModelSpec | None]:
@@ -418,32 +269,26 @@ def evaluate_run(
     run = RunDir(Path(run_dir))
     if cfg is None:
         cfg = run.load_config()
-    exp = cfg.experiment
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise UserError(f"limit must be a positive number of test samples, got {limit!r}")
-    if exp.batch_size < 1:
-        raise UserError(f"experiment batch_size must be >= 1, got {exp.batch_size}")
-    # Validate the grid against the spec alone (cheap) before building any model.
-    grid = check_grid(
-        distortion if distortion is not None else exp.distortion,
-        list(levels) if levels is not None else exp.levels,
-        list(alphas) if alphas is not None else exp.alphas,
-        list(edge_branches) if edge_branches is not None else exp.edge_branches,
-        list(strategies) if strategies is not None else exp.strategies,
-        load_spec(run.ee).num_branches,
-    )
-    if exp.precision not in PRECISION_BYTES:
-        raise UserError(f"unknown wire precision {exp.precision!r}; known: {', '.join(PRECISION_BYTES)}")
+    given = {"distortion": distortion, "levels": levels, "alphas": alphas, "edge_branches": edge_branches,
+             "strategies": strategies}  # fmt: skip
+    # Arguments override the [experiment] table and are validated with it, as a config file would be.
+    cfg = cfg.updated((f"experiment.{key}", v if key == "distortion" else list(v)) for key, v in given.items()
+                      if v is not None)  # fmt: skip
+    exp = cfg.experiment
+    grid = grid_of(cfg, load_spec(run.ee).num_branches)  # against the spec alone (cheap), before any model
     net, spec, conv_net, conv_spec = _load_models(run, cfg)
     if "ensemble" in grid.strategies and not spec.ensemble_weights:
         raise UserError(f"strategy 'ensemble' needs ensemble weights in {run.ee}/{SPEC}: run `edgeexit calibrate`")
     strategies_used = grid.strategies
-    if "conventional" in strategies_used and conv_net is None:
+    if CONVENTIONAL in strategies_used and conv_net is None:
         log.warning("no conventional DNN in %s: skipping strategy 'conventional'", run.conventional)
-        strategies_used = tuple(s for s in strategies_used if s != "conventional")
+        strategies_used = tuple(s for s in strategies_used if s != CONVENTIONAL)
         if not strategies_used:
             raise UserError(f"only strategy 'conventional' asked for, but {run.conventional} has no checkpoint")
-    use_conv = "conventional" in strategies_used
+    use_conv = CONVENTIONAL in strategies_used
+    policies = [s for s in strategies_used if s != CONVENTIONAL]
     ds, split, _ = prepare_data(cfg, run)
     if spec.num_classes != len(ds.class_names):
         raise UserError(
@@ -453,40 +298,41 @@ def evaluate_run(
     labels = ds.labels[ids]
     seeds = ids.tolist()  # distortion noise seeded by sample id: the online run draws the same noise
 
-    prep = preprocessing_of(spec)
-    images = load_uint8(ds, ids, prep)
+    images = load_uint8(ds, ids, spec.preprocessing)
     costs = cost_table(net, spec.input_size)  # measured on the CPU before moving to the device
-    conv_macs, conv_input_bytes, conv_images, conv_prep = None, costs.input_bytes, None, None
+    conv_macs, conv_input_bytes, conv_images = 0, costs.input_bytes, None
     if use_conv:
         assert conv_net is not None and conv_spec is not None
         conv_costs = cost_table(conv_net, conv_spec.input_size)
         conv_macs, conv_input_bytes = conv_costs.total_macs, conv_costs.input_bytes
-        conv_prep = preprocessing_of(conv_spec)
-        conv_images = images if conv_prep == prep else load_uint8(ds, ids, conv_prep)
+        same_input = conv_spec.preprocessing == spec.preprocessing
+        conv_images = images if same_input else load_uint8(ds, ids, conv_spec.preprocessing)
     payload = payload_table(costs, exp.precision, conv_input_bytes)
     device = resolve_device(cfg.train.device)
     net.to(device)
     if use_conv:
         conv_net.to(device)  # type: ignore[union-attr]
 
-    columns = _Columns()
+    columns = RecordColumns()
     for level in tqdm(grid.levels, desc=f"evaluate {grid.distortion}", unit="level", disable=None):
         key = {"distortion": grid.distortion, "level": level, "sample_ids": ids}
+        where = {"dataset": cfg.dataset.name, "distortion": grid.distortion, "level": float(level)}
         x = distort(images, grid.distortion, level, seeds=seeds)
-        ee_probs = cached_probabilities(run, "ee", net, spec, x, key, prep, exp.batch_size)
-        conv_probs = None
+        ee_probs = cached_probabilities(run, "ee", net, spec, x, key, exp.batch_size)
+        blocks = {
+            s: policy_columns(ee_probs, labels, ids, costs=costs, ee_spec=spec, strategy=s, alphas=grid.alphas,
+                              edge_branches=grid.edge_branches, where=where, payload_bytes=payload)
+            for s in policies
+        }  # fmt: skip
         if use_conv:
             cx = x if conv_images is images else distort(conv_images, grid.distortion, level, seeds=seeds)
-            conv_probs = cached_probabilities(run, "conventional", conv_net, conv_spec, cx, key, conv_prep,
-                                              exp.batch_size)[-1]  # fmt: skip
-        columns.extend(
-            _sweep_columns(
-                ee_probs, conv_probs, labels, ids, costs=costs, conv_macs=conv_macs, ee_spec=spec,
-                alphas=grid.alphas, edge_branches=grid.edge_branches, strategies=strategies_used,
-                meta={"dataset": cfg.dataset.name, "distortion": grid.distortion, "level": level},
-                payload_bytes=payload,
-            )
-        )
+            conv_probs = cached_probabilities(run, "conventional", conv_net, conv_spec, cx, key, exp.batch_size)
+            blocks[CONVENTIONAL] = conventional_columns(
+                conv_probs[-1], labels, ids, conv_macs=conv_macs, alphas=grid.alphas,
+                edge_branches=grid.edge_branches, where=where, payload_bytes=payload[0],
+            )  # fmt: skip
+        for s in strategies_used:  # rows in the grid's order of strategies
+            columns.extend(blocks[s])
     records = columns.frame()  # one DataFrame for the whole grid
     summary = summarize(records)
     write_records(records, run.records)

@@ -9,36 +9,29 @@ the first level without a file.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image
 from tqdm import tqdm
 
 from edgeexit.config import RunConfig
 from edgeexit.data.distortions import distort
 from edgeexit.data.preprocess import load_uint8
 from edgeexit.evaluate.records import RECORD_COLUMNS, read_records, write_records
+from edgeexit.policy import CONVENTIONAL
 from edgeexit.rundir import RunDir, prepare_data
 from edgeexit.serving.client import CloudClient
-from edgeexit.serving.edge import EdgeAnswer, EdgeRunner
+from edgeexit.serving.edge_runner import EdgeAnswer, Runner, load_runner
+from edgeexit.serving.images import png_bytes
 
-__all__ = ["png_bytes", "run_online", "online_level_path"]
+__all__ = ["run_online", "online_level_path"]
 
 log = logging.getLogger(__name__)
 
 WARMUP = 3  # requests per configuration before timing: connection set-up, first-call allocations
-
-
-def png_bytes(image_uint8) -> bytes:
-    """PNG encoding of a uint8 [3, H, W] tensor (lossless: the edge decodes exactly these pixels)."""
-    buf = io.BytesIO()
-    Image.fromarray(image_uint8.permute(1, 2, 0).numpy()).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def online_level_path(run: RunDir, distortion: str, level: float) -> Path:
@@ -79,6 +72,7 @@ def run_online(
     k: int | None = None,
     n_images: int | None = None,
     token: str | None = None,
+    runtime: str = "torch",
 ) -> pd.DataFrame:
     """Time every test image through the edge runner and the cloud at `cloud_url`; returns all records."""
     run = RunDir(run_dir)
@@ -94,12 +88,12 @@ def run_online(
     labels = ds.labels[ids]
 
     client = CloudClient(cloud_url, token=token)
-    base = EdgeRunner.from_run(
-        run.root, strategy="ee", alpha=alphas[0], k=k, client=client, precision=exp.precision
-    )
-    configs: list[tuple[str, float, EdgeRunner]] = []
+    base = load_runner(run.root, strategy="ee", alpha=alphas[0], k=k, client=client, precision=exp.precision,
+                       runtime=runtime)  # fmt: skip
+    configs: list[tuple[str, float, Runner]] = []
     for strategy in strategies:
-        for alpha in [math.nan] if strategy == "conventional" else alphas:
+        # The conventional DNN has no threshold: one configuration, alpha NaN and k 0 in its records.
+        for alpha in [math.nan] if strategy == CONVENTIONAL else alphas:
             configs.append((strategy, alpha, base.variant(strategy=strategy, alpha=alpha)))
 
     frames = []
@@ -127,7 +121,7 @@ def run_online(
                             meta=meta,
                             strategy=strategy,
                             alpha=alpha,
-                            k=0 if strategy == "conventional" else k,
+                            k=0 if strategy == CONVENTIONAL else k,
                             sample_id=int(ids[j]),
                             label=int(labels[j]),
                         )

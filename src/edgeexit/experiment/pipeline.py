@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from edgeexit.atomic import atomic_write_bytes
 from edgeexit.config import RunConfig, load_config
 from edgeexit.evaluate.aggregate import summarize
 from edgeexit.experiment import figures
@@ -28,7 +29,7 @@ from edgeexit.experiment.findings import check_findings
 from edgeexit.experiment.online import run_online
 from edgeexit.experiment.report import Section, findings_table, write_report
 from edgeexit.experiment.servers import cloud_server_process
-from edgeexit.model.checkpoint import atomic_write_bytes, load_spec
+from edgeexit.model.checkpoint import load_spec
 from edgeexit.rundir import RunDir
 
 __all__ = ["reproduce", "quick_config", "Stages"]
@@ -88,20 +89,25 @@ def _model_hash(run: RunDir, which: str) -> str:
     return load_spec(path).content_hash if (path / "spec.json").is_file() else ""
 
 
-def reproduce(config: str | Path | None = None, out: str | Path | None = None, quick: bool = False) -> Path:
-    """The paper's whole experiment into run directory `out`; returns the path of report.html."""
+def reproduce(
+    config: RunConfig | str | Path | None = None, out: str | Path | None = None, quick: bool = False
+) -> Path:
+    """The paper's whole experiment into run directory `out`; returns the path of report.html.
+
+    `config`: a RunConfig, a TOML file, or None for the built-in defaults.
+    """
     from edgeexit.evaluate.sweep import evaluate_run
     from edgeexit.train.calibrate import calibrate_run
     from edgeexit.train.loop import train_model
 
-    cfg = load_config(config)
+    cfg = config if isinstance(config, RunConfig) else load_config(config)
     if quick:
         cfg = quick_config(cfg)
     run = RunDir(Path(out) if out else Path("runs") / ("quick" if quick else "default"))
     run.root.mkdir(parents=True, exist_ok=True)
     run.save_config(cfg)
     stages = Stages(run)
-    data_model_train = (asdict(cfg.dataset), asdict(cfg.model), asdict(cfg.train))
+    data_model_train = (cfg.dataset.model_dump(), cfg.model.model_dump(), cfg.train.model_dump())
 
     stages.run("train_ee", _key(data_model_train), lambda: train_model(run.root, cfg, "ee", resume=True))
     stages.run(
@@ -111,15 +117,15 @@ def reproduce(config: str | Path | None = None, out: str | Path | None = None, q
     )
     # calibration rewrites the checkpoints (their hashes change), so its key is the trained weights' identity
     trained = _key(
-        stages.state["train_ee"]["key"], stages.state["train_conventional"]["key"], asdict(cfg.calibration)
+        stages.state["train_ee"]["key"], stages.state["train_conventional"]["key"], cfg.calibration.model_dump()
     )
     stages.run("calibrate", trained, lambda: calibrate_run(run.root, cfg))
     models = (_model_hash(run, "ee"), _model_hash(run, "conventional"))
 
-    stages.run("evaluate", _key(models, asdict(cfg.experiment)), lambda: evaluate_run(run.root, cfg))
+    stages.run("evaluate", _key(models, cfg.experiment.model_dump()), lambda: evaluate_run(run.root, cfg))
     offline = pd.read_csv(run.summary)
 
-    online_key = _key(models, asdict(cfg.experiment), asdict(cfg.link))
+    online_key = _key(models, cfg.experiment.model_dump(), cfg.link.model_dump())
     key_file = run.online / "key"
     if key_file.is_file() and key_file.read_text() != online_key:
         for stale in run.online.glob("*.parquet"):  # per-level files of another configuration or model
@@ -161,7 +167,7 @@ def _online(run: RunDir, cfg: RunConfig) -> None:
 
 
 def _write_link(run: RunDir, cfg: RunConfig, measurement: Any, emulated: bool) -> None:
-    data = {"emulated": emulated, "configured": asdict(cfg.link), "measured": asdict(measurement)}
+    data = {"emulated": emulated, "configured": cfg.link.model_dump(), "measured": asdict(measurement)}
     atomic_write_bytes(run.root / "link.json", json.dumps(data, indent=2).encode())
     log.info("link measured: %s", data["measured"])
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from edgeexit.atomic import atomic_write_bytes
 from edgeexit.experiment.findings import Finding
-from edgeexit.model.checkpoint import atomic_write_bytes
 
 __all__ = ["Section", "write_report", "findings_table"]
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from edgeexit.errors import UserError
@@ -37,7 +36,7 @@ class Backbone:
 
 @dataclass(frozen=True)
 class _Adapter:
-    build: Callable[..., nn.Module]
+    builder: str  # the torchvision.models builder; torchvision is imported only when a model is built
     split: Callable[[nn.Module], tuple[list[nn.Module], nn.Module]]
     classifier_path: str  # dotted path of the final nn.Linear, replaced for another class count
 
@@ -60,12 +59,10 @@ def _split_resnet(model: nn.Module) -> tuple[list[nn.Module], nn.Module]:
     return blocks, head
 
 
-BACKBONES.register("mobilenet_v2")(_Adapter(torchvision.models.mobilenet_v2, _split_features, "classifier.1"))
-BACKBONES.register("mobilenet_v3_large")(
-    _Adapter(torchvision.models.mobilenet_v3_large, _split_features, "classifier.3")
-)
-BACKBONES.register("resnet18")(_Adapter(torchvision.models.resnet18, _split_resnet, "fc"))
-BACKBONES.register("resnet50")(_Adapter(torchvision.models.resnet50, _split_resnet, "fc"))
+BACKBONES.register("mobilenet_v2")(_Adapter("mobilenet_v2", _split_features, "classifier.1"))
+BACKBONES.register("mobilenet_v3_large")(_Adapter("mobilenet_v3_large", _split_features, "classifier.3"))
+BACKBONES.register("resnet18")(_Adapter("resnet18", _split_resnet, "fc"))
+BACKBONES.register("resnet50")(_Adapter("resnet50", _split_resnet, "fc"))
 
 
 def _replace_classifier(model: nn.Module, path: str, num_classes: int) -> None:
@@ -77,6 +74,8 @@ def _replace_classifier(model: nn.Module, path: str, num_classes: int) -> None:
 
 
 def _imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
+    import torchvision
+
     weights = torchvision.models.get_model_weights(name).DEFAULT
     try:
         return weights.get_state_dict(progress=False)
@@ -110,7 +109,9 @@ def load_backbone(name: str, num_classes: int, weights: str | None = None) -> Ba
     adapter = BACKBONES.get(name)
     if num_classes < 2:
         raise UserError(f"num_classes must be at least 2, got {num_classes}")
-    model = adapter.build(weights=None)
+    import torchvision  # heavy (about 2 s, 170 MB): only when a model is built
+
+    model = getattr(torchvision.models, adapter.builder)(weights=None)
     source = weights or "random"
     if source != "random":
         state = _imagenet_state_dict(name) if source == "imagenet" else _file_state_dict(Path(source))

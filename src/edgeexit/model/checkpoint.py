@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,30 +15,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from edgeexit.atomic import atomic_write_bytes
 from edgeexit.errors import UserError
 from edgeexit.model.build import build_model
 from edgeexit.model.early_exit import EarlyExitNet
 from edgeexit.model.spec import ModelSpec
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_spec", "content_hash", "atomic_write_bytes", "WEIGHTS", "SPEC"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_spec", "content_hash", "WEIGHTS", "SPEC"]
 
 WEIGHTS = "weights.safetensors"
 SPEC = "spec.json"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def content_hash(weights: bytes, spec: ModelSpec) -> str:

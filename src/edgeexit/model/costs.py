@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from edgeexit.model.early_exit import EarlyExitNet
@@ -45,6 +46,31 @@ class CostTable:
     def macs_offloaded(self, k: int) -> int:
         """MACs of a sample offloaded after k edge exits: every stage, k exit heads and the final head."""
         return self.total_macs + sum(self.exit_macs[:k])
+
+    def executed_macs(self, exits: np.ndarray, heads: np.ndarray, k: int) -> np.ndarray:
+        """MACs each sample actually executed (int64), given where it was answered and how many heads ran.
+
+        `exits[j]` is 1..k for an answer at that edge exit, 0 for the cloud (the final exit); `heads[j]` the
+        edge exit heads evaluated. At edge exit i after h heads: stages 1..i + heads 1..h. Offloaded: every
+        stage (edge and cloud) + the heads evaluated at the edge + the backbone's final head. One rule for
+        the offline records and the edge runner.
+        """
+        exits = np.asarray(exits, dtype=np.int64).reshape(-1)
+        heads = np.asarray(heads, dtype=np.int64).reshape(-1)
+        n_exits = len(self.exit_macs)
+        if len(self.stage_macs) != n_exits + 1:
+            raise ValueError(
+                f"cost table needs N+1={n_exits + 1} stages for N={n_exits} exits, got {len(self.stage_macs)}"
+            )
+        if not 0 <= k <= n_exits:
+            raise ValueError(f"k must be in [0, {n_exits}] for this cost table, got {k}")
+        if exits.size and (exits.min() < 0 or exits.max() > k or heads.min() < 0 or heads.max() > k):
+            raise ValueError(f"exits and heads must lie in [0, k={k}]")
+        stage_cum = np.concatenate([[0], np.cumsum(np.asarray(self.stage_macs, dtype=np.int64))])
+        exit_cum = np.concatenate([[0], np.cumsum(np.asarray(self.exit_macs, dtype=np.int64))])
+        edge = stage_cum[exits] + exit_cum[heads]
+        cloud = stage_cum[-1] + exit_cum[heads] + np.int64(self.head_macs)
+        return np.where(exits == 0, cloud, edge).astype(np.int64)
 
     def split_bytes_at(self, k: int, precision: str = "fp32") -> int:
         """Bytes of the intermediate tensor after stage k at a wire precision."""

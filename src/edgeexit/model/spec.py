@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from edgeexit.data.preprocess import Preprocessing
 from edgeexit.errors import UserError
 
 __all__ = ["ModelSpec", "KINDS"]
@@ -56,6 +57,17 @@ class ModelSpec:
     def num_exits(self) -> int:
         """N + 1: the side branches and the final exit."""
         return self.num_branches + 1
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How this model's inputs are prepared (resize, crop, mean/std): the facts travel with the weights."""
+        return Preprocessing(self.input_size, self.resize_size, tuple(self.mean), tuple(self.std))
+
+    def temperature(self, i: int) -> float | None:
+        """The fitted temperature of exit i (1-based; `num_exits` is the final exit), None before calibration."""
+        if not 1 <= i <= self.num_exits:
+            raise ValueError(f"exit i must be in 1..{self.num_exits}, got {i}")
+        return None if self.temperatures is None else float(self.temperatures[i - 1])
 
     @property
     def calibrated(self) -> bool:

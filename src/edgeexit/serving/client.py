@@ -15,15 +15,15 @@ from typing import Any
 
 import httpx
 
-from edgeexit.errors import UserError
-from edgeexit.serving.app_util import resolve_token
+from edgeexit.errors import EdgeExitError, UserError
+from edgeexit.serving.http import resolve_token
 
 __all__ = ["CloudAnswer", "CloudClient", "OffloadFailed"]
 
 log = logging.getLogger(__name__)
 
 
-class OffloadFailed(Exception):
+class OffloadFailed(EdgeExitError):
     """The cloud gave no answer: retries exhausted, or a 4xx the edge cannot fix; the message says why."""
 
     def __init__(self, message: str, status: int | None = None) -> None:

@@ -4,8 +4,8 @@ The edge sends the output of stage k to the cloud as `application/octet-stream`.
 safetensors file with one tensor, ``"tensor"``, and string metadata (format version, model hash, split
 point, request id, precision, original dtype and shape). Precision ``fp16`` halves the tensor; ``int8``
 quantises it per tensor (affine: scale and zero point travel in the metadata) and is dequantised to
-float32 on decode. Never pickle, never JSON lists of floats: `json_list_payload` reproduces the authors'
-format only so that the benchmark can compare against it.
+float32 on decode. Never pickle, never JSON lists of floats (the authors' format, kept in tests/reference.py
+only as the wire benchmark's baseline).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import safetensors.torch
 import torch
 
-from edgeexit.errors import UserError
+from edgeexit.errors import EdgeExitError, UserError
 
 __all__ = [
     "FORMAT",
@@ -26,11 +26,9 @@ __all__ = [
     "OffloadPayload",
     "PayloadDtypeError",
     "PayloadError",
-    "decode_json_list",
     "decode_payload",
     "encode_payload",
     "has_non_finite",
-    "json_list_payload",
 ]
 
 FORMAT = "edgeexit/1"
@@ -46,7 +44,7 @@ _INT_RE = re.compile(r"[0-9]{1,9}")
 _SIGNED_INT_RE = re.compile(r"-?[0-9]{1,9}")
 
 
-class PayloadError(ValueError):
+class PayloadError(EdgeExitError, ValueError):
     """The bytes are not a valid edgeexit payload; the server answers HTTP 400 with this message."""
 
 
@@ -214,13 +212,3 @@ def _dequantise(q: torch.Tensor, meta: dict[str, str]) -> torch.Tensor:
     if not _SIGNED_INT_RE.fullmatch(zp) or not -128 <= int(zp) <= 127:
         raise PayloadError(f"int8 payload zero_point {zp[:40]!r}; expected an integer in [-128, 127]")
     return (q.to(torch.float32) - int(zp)) * scale
-
-
-def json_list_payload(tensor: torch.Tensor) -> bytes:
-    """The authors' format (`tensor.tolist()` in JSON), kept ONLY as the benchmark's baseline."""
-    return json.dumps({"data": tensor.detach().cpu().tolist(), "shape": list(tensor.shape)}).encode()
-
-
-def decode_json_list(body: bytes) -> torch.Tensor:
-    """Decode `json_list_payload` back to a float32 tensor (benchmark baseline only)."""
-    return torch.tensor(json.loads(body)["data"], dtype=torch.float32)

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
+from edgeexit.devices import resolve_device
+from edgeexit.rundir import prepare_data
 from edgeexit.train.calibrate import (
     calibrate_run,
-    calibrated_probs,
     expected_calibration_error,
     fit_temperature,
 )
-from edgeexit.train.loop import (
-    SplitData,
-    collect_logits,
-    load_split_data,
-    prepare_data,
-    resolve_device,
-    train_model,
-)
+from edgeexit.train.data import SplitData, collect_logits, load_split_data
+from edgeexit.train.loop import train_model
 
 __all__ = [
     "SplitData",
     "calibrate_run",
-    "calibrated_probs",
     "collect_logits",
     "expected_calibration_error",
     "fit_temperature",

@@ -1,7 +1,6 @@
 """Temperature scaling per exit (or one global temperature), fitted on the validation split, and its report.
 
-`calibrated_probs` is the one place that turns logits into calibrated probabilities: the offline evaluation
-and the edge/cloud servers all call it, so both paths apply exactly the same temperatures.
+Temperatures are applied only by `edgeexit.inference.calibrate`; this module fits them and reports.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ import io
 import json
 import logging
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +18,22 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torchmetrics.classification import MulticlassCalibrationError
 
-from edgeexit.config import CalibrationConfig, RunConfig
-from edgeexit.data import ImageDataset, Preprocessing
+from edgeexit.atomic import atomic_write_bytes
+from edgeexit.config import RunConfig, choices
+from edgeexit.data import ImageDataset
+from edgeexit.devices import resolve_device
 from edgeexit.errors import UserError
+from edgeexit.inference import calibrated_probs
 from edgeexit.model import load_checkpoint, save_checkpoint
-from edgeexit.model.checkpoint import SPEC, atomic_write_bytes
+from edgeexit.model.checkpoint import SPEC
 from edgeexit.rundir import RunDir, prepare_data
-from edgeexit.train.loop import collect_logits, load_split_data, resolve_device
+from edgeexit.train.data import collect_logits, load_split_data
 
-__all__ = ["fit_temperature", "expected_calibration_error", "calibrate_run", "calibrated_probs", "MODES"]
+__all__ = ["fit_temperature", "expected_calibration_error", "calibrate_run", "MODES"]
 
 log = logging.getLogger(__name__)
 
-MODES = ("per_exit", "global")
+MODES = choices("calibration.mode")  # per_exit, global
 
 
 def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -78,30 +79,6 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     _check_logits(probs, labels)
     metric = MulticlassCalibrationError(num_classes=probs.shape[1], n_bins=bins, norm="l1")
     return float(metric(probs.detach().float().cpu(), labels.detach().long().cpu()))
-
-
-def calibrated_probs(
-    logits: Sequence[torch.Tensor], temperatures: Sequence[float] | None
-) -> list[torch.Tensor]:
-    """softmax(z_i / T_i) for each exit's logits; `temperatures` None -> plain softmax. One T per logits tensor."""
-    if temperatures is None:
-        return [torch.softmax(z, dim=-1) for z in logits]
-    if len(temperatures) != len(logits):
-        raise UserError(
-            f"got {len(logits)} logits tensors but {len(temperatures)} temperatures; need one per exit"
-        )
-    if any(not math.isfinite(float(t)) or float(t) <= 0 for t in temperatures):
-        raise UserError(f"temperatures must be finite and > 0, got {list(temperatures)}")
-    return [torch.softmax(z / float(t), dim=-1) for z, t in zip(logits, temperatures, strict=True)]
-
-
-def _check_cal_config(c: CalibrationConfig) -> None:
-    if c.mode not in MODES:
-        raise UserError(f"unknown calibration.mode {c.mode!r}; accepted: {', '.join(MODES)}")
-    if not isinstance(c.bins, int) or c.bins < 1:
-        raise UserError(f"calibration.bins must be an integer >= 1, got {c.bins!r}")
-    if not isinstance(c.max_iter, int) or c.max_iter < 1:
-        raise UserError(f"calibration.max_iter must be an integer >= 1, got {c.max_iter!r}")
 
 
 def _reliability_png(
@@ -161,7 +138,7 @@ def _calibrate_model(
             f"checkpoint {directory} has {spec.num_classes} classes but dataset {ds.name!r} has {len(ds.class_names)}"
         )
     # the model's own preprocessing (spec), not the config's: it is what the model was trained with
-    prep = Preprocessing(spec.input_size, spec.resize_size, tuple(spec.mean), tuple(spec.std))
+    prep = spec.preprocessing
     val = load_split_data(ds, val_indices, prep, cfg.train.num_workers)
     net.to(device)
     logits, y = collect_logits(net, val, prep, device, desc=f"calibrate {which}")
@@ -225,7 +202,6 @@ def calibrate_run(run_dir: Path, cfg: RunConfig | None = None) -> dict[str, Any]
     if not (run.ee / SPEC).is_file():
         raise UserError(f"no checkpoint in {run.ee}: run `edgeexit train` first")
     cfg = cfg if cfg is not None else run.load_config()
-    _check_cal_config(cfg.calibration)
     ds, split, _ = prepare_data(cfg, run)
     device = resolve_device(cfg.train.device)
     report: dict[str, Any] = {"mode": cfg.calibration.mode, "bins": cfg.calibration.bins, "models": {}}

@@ -1,4 +1,4 @@
-"""The cloud server: finishes offloaded EE-DNN inferences and classifies whole images with the conventional DNN.
+"""The cloud server: an HTTP front for the cloud runner (serving.cloud_runner), which does the work.
 
 Endpoints (every error is a JSON body {"detail": "<one line saying what was expected>"}):
 
@@ -24,43 +24,35 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import fastapi
-import torch
 import uvicorn
 from fastapi import Request
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from edgeexit.data.preprocess import Preprocessing
 from edgeexit.errors import UserError
-from edgeexit.model.checkpoint import SPEC, load_checkpoint, load_spec
-from edgeexit.model.costs import CostTable, cost_table
-from edgeexit.model.early_exit import EarlyExitNet
-from edgeexit.model.spec import ModelSpec
+from edgeexit.model.checkpoint import load_spec
 from edgeexit.rundir import RunDir
 from edgeexit.serving import wire
-from edgeexit.serving.app_util import (
-    IMAGE_TYPES,
-    ImageRejected,
-    TokenMiddleware,
+from edgeexit.serving.cloud_runner import CloudRunner
+from edgeexit.serving.http import (
+    bearer_auth,
     binary_body,
     check_content_type,
-    check_port_free,
-    decode_image,
     error,
     error_responses,
     install_error_handlers,
     read_body,
     resolve_token,
 )
+from edgeexit.serving.images import IMAGE_TYPES, ImageRejected, decode_image
 from edgeexit.serving.probe import probe_router
-from edgeexit.train.calibrate import calibrated_probs
+from edgeexit.serving.server import check_port_free
 
-__all__ = ["CloudModels", "create_cloud_app", "serve_cloud", "app_from_env", "DEFAULT_MAX_BODY"]
+__all__ = ["create_cloud_app", "serve_cloud", "app_from_env", "DEFAULT_MAX_BODY"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +60,7 @@ DEFAULT_MAX_BODY = 64 << 20
 _ENV_RUN_DIR = "EDGEEXIT_CLOUD_RUN_DIR"
 _ENV_MAX_BODY = "EDGEEXIT_CLOUD_MAX_BODY"
 _ENV_MAX_BATCH = "EDGEEXIT_CLOUD_MAX_BATCH"
+_ENV_RUNTIME = "EDGEEXIT_CLOUD_RUNTIME"
 
 
 class Answer(BaseModel):
@@ -82,85 +75,7 @@ class Answer(BaseModel):
     k: int
 
 
-def _final_temperature(spec: ModelSpec) -> list[float] | None:
-    return None if spec.temperatures is None else [spec.temperatures[-1]]
-
-
-@dataclass
-class CloudModels:
-    """The models a cloud server holds: the EE-DNN (required) and the conventional DNN (optional)."""
-
-    ee: EarlyExitNet
-    ee_spec: ModelSpec
-    costs: CostTable
-    conv: EarlyExitNet | None = None
-    conv_spec: ModelSpec | None = None
-
-    @property
-    def conv_prep(self) -> Preprocessing:
-        """How the conventional DNN's inputs are prepared (its spec's size, resize and mean/std)."""
-        assert self.conv_spec is not None
-        s = self.conv_spec
-        return Preprocessing(s.input_size, s.resize_size, tuple(s.mean), tuple(s.std))  # type: ignore[arg-type]
-
-    @classmethod
-    def load(cls, run_dir: Path) -> CloudModels:
-        """Load RUN_DIR/ee and, when present, RUN_DIR/conventional (eval mode, CPU)."""
-        run = RunDir(Path(run_dir))
-        ee, ee_spec = load_checkpoint(run.ee)
-        if not ee_spec.calibrated:
-            log.warning("EE-DNN in %s has no temperatures: answering with plain softmax", run.ee)
-        conv = conv_spec = None
-        if (run.conventional / SPEC).is_file():
-            conv, conv_spec = load_checkpoint(run.conventional)
-        else:
-            log.info("no conventional DNN in %s: /v1/classify answers 503", run.conventional)
-        return cls(ee, ee_spec, cost_table(ee, ee_spec.input_size), conv, conv_spec)
-
-    @property
-    def ee_hash(self) -> str:
-        """Content hash of the EE-DNN, which every offload must carry."""
-        return self.ee_spec.content_hash
-
-    def split_shape(self, k: int) -> list[int]:
-        """Per-sample shape of the tensor after stage k."""
-        return self.costs.split_shapes[k - 1]
-
-    def finish(self, h: torch.Tensor, k: int) -> tuple[list[int], list[float]]:
-        """Stages k+1.. and the final head on a batch; calibrated labels and confidences."""
-        with torch.inference_mode():
-            logits = self.ee.cloud_part(h, k)
-            (probs,) = calibrated_probs([logits], _final_temperature(self.ee_spec))
-            conf, label = probs.max(dim=1)
-        return label.tolist(), conf.to(torch.float32).tolist()
-
-    def classify(self, x_uint8: torch.Tensor, prep: Preprocessing) -> tuple[int, float]:
-        """The conventional DNN on one uint8 [3, H, W] image."""
-        assert self.conv is not None and self.conv_spec is not None
-        with torch.inference_mode():
-            logits = self.conv(prep.normalize(x_uint8.unsqueeze(0)))[-1]
-            (probs,) = calibrated_probs([logits], _final_temperature(self.conv_spec))
-            conf, label = probs.max(dim=1)
-        return int(label[0]), float(conf.to(torch.float32)[0])
-
-    def info(self, max_batch: int, max_body_bytes: int) -> dict[str, Any]:
-        """What /v1/model answers."""
-        n = self.ee_spec.num_branches
-        return {
-            "ee": {"spec": self.ee_spec.to_dict(), "model_hash": self.ee_hash},
-            "conventional": None
-            if self.conv_spec is None
-            else {"spec": self.conv_spec.to_dict(), "model_hash": self.conv_spec.content_hash},
-            "accepted_k": list(range(1, n + 1)),
-            "split_shapes": {str(k): self.split_shape(k) for k in range(1, n + 1)},
-            "precisions": list(wire.PRECISIONS),
-            "max_batch": max_batch,
-            "max_body_bytes": max_body_bytes,
-            "classify_content_types": list(IMAGE_TYPES),
-        }
-
-
-def _check_payload(models: CloudModels, p: wire.OffloadPayload, max_batch: int) -> None:
+def _check_payload(models: CloudRunner, p: wire.OffloadPayload, max_batch: int) -> None:
     """409 for another model, 422 for a k, shape, batch or value this model cannot take."""
     if p.model_hash != models.ee_hash:
         raise error(
@@ -187,9 +102,11 @@ def create_cloud_app(
     token: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     max_batch: int = 64,
-    models: CloudModels | None = None,
+    models: CloudRunner | None = None,
+    runtime: str = "torch",
 ) -> fastapi.FastAPI:
-    """The cloud ASGI app for RUN_DIR (models loaded once, here); `token` None falls back to $EDGEEXIT_TOKEN.
+    """The cloud ASGI app for RUN_DIR (models loaded once, here, in `runtime`); `token` None falls back to
+    $EDGEEXIT_TOKEN.
 
     `models` lets several apps share already loaded models (the run directory is then not read).
     """
@@ -197,7 +114,7 @@ def create_cloud_app(
         raise UserError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise UserError(f"max_batch must be a positive integer, got {max_batch!r}")
-    m = models if models is not None else CloudModels.load(Path(run_dir))
+    m = models if models is not None else CloudRunner.load(Path(run_dir), runtime)
     token = resolve_token(token)
     app = fastapi.FastAPI(
         title="edgeexit cloud server",
@@ -205,22 +122,19 @@ def create_cloud_app(
         description=__doc__,
     )
     install_error_handlers(app)
-    if token is not None:
-        app.add_middleware(TokenMiddleware, token=token)
-    app.include_router(probe_router)
-    conv_prep = m.conv_prep if m.conv_spec is not None else None
+    api = fastapi.APIRouter(dependencies=[fastapi.Depends(bearer_auth(token))])
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         """Liveness: always open, even with a token configured."""
         return {"status": "ok"}
 
-    @app.get("/v1/model", responses=error_responses(401))
+    @api.get("/v1/model", responses=error_responses(401))
     async def model() -> dict[str, Any]:
         """Both specs, content hashes, accepted k, tensor shape per k and wire precisions."""
         return m.info(max_batch, max_body_bytes)
 
-    @app.post(
+    @api.post(
         "/v1/offload",
         response_model=Answer,
         openapi_extra=binary_body("application/octet-stream"),
@@ -252,7 +166,7 @@ def create_cloud_app(
             k=p.k,
         )
 
-    @app.post(
+    @api.post(
         "/v1/classify",
         response_model=Answer,
         openapi_extra=binary_body(*IMAGE_TYPES),
@@ -260,7 +174,7 @@ def create_cloud_app(
     )
     async def classify(request: Request) -> Answer:
         """Classify a PNG or JPEG image with the conventional DNN (the paper's cloud-only baseline)."""
-        if m.conv is None or m.conv_spec is None:
+        if m.conv_spec is None:
             raise error(503, "this cloud server has no conventional DNN (RUN_DIR/conventional); use /v1/offload")
         check_content_type(request, IMAGE_TYPES)
         body = await read_body(request, max_body_bytes)
@@ -269,8 +183,8 @@ def create_cloud_app(
 
         def work() -> tuple[int, float, float]:
             t0 = time.perf_counter()
-            x = conv_prep.to_uint8(decode_image(body))
-            label, conf = m.classify(x, conv_prep)
+            x = conv_spec.preprocessing.to_uint8(decode_image(body))
+            label, conf = m.classify(x)
             return label, conf, (time.perf_counter() - t0) * 1e3
 
         try:
@@ -287,6 +201,8 @@ def create_cloud_app(
             k=0,
         )
 
+    app.include_router(api)
+    app.include_router(probe_router, dependencies=[fastapi.Depends(bearer_auth(token))])
     return app
 
 
@@ -299,6 +215,7 @@ def app_from_env() -> fastapi.FastAPI:
         Path(run_dir),
         max_body_bytes=int(os.environ.get(_ENV_MAX_BODY, DEFAULT_MAX_BODY)),
         max_batch=int(os.environ.get(_ENV_MAX_BATCH, 64)),
+        runtime=os.environ.get(_ENV_RUNTIME, "torch"),
     )
 
 
@@ -311,6 +228,7 @@ def serve_cloud(
     token: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     max_batch: int = 64,
+    runtime: str = "torch",
 ) -> None:
     """Run the cloud server with uvicorn until interrupted; workers > 1 starts that many processes."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -320,7 +238,9 @@ def serve_cloud(
     check_port_free(host, port)
     run_dir = Path(run_dir)
     if workers == 1:
-        app = create_cloud_app(run_dir, token=token, max_body_bytes=max_body_bytes, max_batch=max_batch)
+        app = create_cloud_app(
+            run_dir, token=token, max_body_bytes=max_body_bytes, max_batch=max_batch, runtime=runtime
+        )
         uvicorn.run(app, host=host, port=port)
         return
     load_spec(RunDir(run_dir).ee)  # fail here, once, rather than in every worker
@@ -328,6 +248,7 @@ def serve_cloud(
     os.environ[_ENV_RUN_DIR] = str(run_dir.resolve())
     os.environ[_ENV_MAX_BODY] = str(max_body_bytes)
     os.environ[_ENV_MAX_BATCH] = str(max_batch)
+    os.environ[_ENV_RUNTIME] = runtime
     if token is not None:
         os.environ["EDGEEXIT_TOKEN"] = token
-    uvicorn.run("edgeexit.serving.cloud:app_from_env", factory=True, host=host, port=port, workers=workers)
+    uvicorn.run("edgeexit.serving.cloud_app:app_from_env", factory=True, host=host, port=port, workers=workers)

@@ -1,0 +1,162 @@
+"""Serving subcommands: serve-cloud, serve-edge, classify, link, probe-link."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from edgeexit.cli.common import add_choice, command, probability
+
+
+@command("serve-cloud")
+def run_serve_cloud(args: argparse.Namespace) -> None:
+    from edgeexit.serving.cloud_app import serve_cloud
+
+    serve_cloud(
+        Path(args.run_dir),
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        token=args.token,
+        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+    )
+
+
+def add_serve_cloud(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve-cloud", help="the cloud server: finishes offloaded inferences, classifies images"
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--token", default=None, help="require this bearer token (or set EDGEEXIT_TOKEN)")
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body accepted (MiB)")
+
+
+def _add_policy_flags(p: argparse.ArgumentParser) -> None:
+    add_choice(p, "--strategy", default="ee", names="strategy", help="exit strategy (default: ee)")
+    p.add_argument(
+        "--alpha", type=probability, default=0.8, help="confidence threshold in [0, 1] (default: 0.8)"
+    )
+    p.add_argument("--k", type=int, default=None, help="edge branches (default: all of the model's)")
+    add_choice(p, "--precision", default="fp32", names="precision", help="offload wire precision")
+    p.add_argument("--cloud-token", default=None, help="bearer token for the cloud server")
+
+
+@command("serve-edge")
+def run_serve_edge(args: argparse.Namespace) -> None:
+    from edgeexit.serving.edge_app import serve_edge
+
+    serve_edge(
+        Path(args.run_dir),
+        cloud_url=args.cloud,
+        strategy=args.strategy,
+        alpha=args.alpha,
+        k=args.k,
+        precision=args.precision,
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        cloud_token=args.cloud_token,
+    )
+
+
+def add_serve_edge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve-edge", help="the edge server: classifies images, offloads the hard ones")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--cloud", required=True, help="cloud server URL, e.g. http://10.0.0.2:8000")
+    _add_policy_flags(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--token", default=None, help="require this bearer token from clients")
+
+
+@command("classify")
+def run_classify(args: argparse.Namespace) -> None:
+    from edgeexit.serving.edge_runner import classify_files, load_runner
+
+    runner = load_runner(
+        Path(args.run),
+        strategy=args.strategy,
+        alpha=args.alpha,
+        k=args.k,
+        cloud_url=args.cloud,
+        precision=args.precision,
+        token=args.cloud_token,
+    )
+    for path, answer in zip(args.images, classify_files([Path(p) for p in args.images], runner), strict=True):
+        if args.json:
+            print(json.dumps({"image": path, **answer.model_dump()}))
+        else:
+            where = f"exit {answer.exit}" if answer.answered_at == "edge" else "cloud"
+            note = "" if answer.outcome == "ok" else f"  [{answer.outcome}: {answer.detail}]"
+            print(
+                f"{path}: {answer.class_name} ({answer.confidence:.3f}) at {where}, "
+                f"{answer.time_ms:.1f} ms, {answer.macs / 1e6:.2f} MMACs, {answer.bytes_sent} B sent{note}"
+            )
+
+
+def add_classify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("classify", help="classify image files at the edge, offloading to a cloud server")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--run", required=True, help="run directory with the trained, calibrated model")
+    p.add_argument(
+        "--cloud", default=None, help="cloud server URL (without one, offloads fall back to the edge)"
+    )
+    _add_policy_flags(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+
+
+@command("link")
+def run_link(args: argparse.Namespace) -> None:
+    import time
+
+    from edgeexit.serving.link import LinkSpec, run_link_in_thread
+
+    spec = LinkSpec.parse(args.rtt, args.bandwidth)
+    handle = run_link_in_thread(args.listen, args.to, spec)
+    print(
+        f"link emulator: {args.listen} (port {handle.port}) -> {args.to}, RTT {spec.rtt_ms} ms, "
+        f"{spec.bandwidth_mbit} Mbit/s each way; Ctrl-C to stop",
+        flush=True,
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        handle.close()
+
+
+def add_link(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("link", help="a TCP proxy that emulates a link (delay and bandwidth each way)")
+    p.add_argument("--listen", required=True, help="address to listen on, e.g. 127.0.0.1:9000")
+    p.add_argument("--to", required=True, help="address to forward to, e.g. 127.0.0.1:8000")
+    p.add_argument("--rtt", default="11.91ms", help="round-trip time added (default: 11.91ms, the paper's)")
+    p.add_argument("--bandwidth", default="93.9mbit", help="rate each way (default: 93.9mbit, the paper's)")
+
+
+@command("probe-link")
+def run_probe_link(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from edgeexit.serving.probe import probe_link
+
+    m = probe_link(args.url, pings=args.pings, transfers=args.transfers, transfer_bytes=args.bytes)
+    if args.json:
+        print(json.dumps(asdict(m)))
+    else:
+        print(
+            f"RTT {m.rtt_ms_mean:.2f} ms (sd {m.rtt_ms_sd:.2f}); up {m.up_mbit_mean:.1f} Mbit/s "
+            f"(sd {m.up_mbit_sd:.1f}); down {m.down_mbit_mean:.1f} Mbit/s (sd {m.down_mbit_sd:.1f})"
+        )
+
+
+def add_probe_link(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probe-link", help="measure RTT and throughput to a cloud server (like ping + iPerf3)")
+    p.add_argument("url", metavar="URL")
+    p.add_argument("--pings", type=int, default=20)
+    p.add_argument("--transfers", type=int, default=5)
+    p.add_argument("--bytes", type=int, default=2_000_000, help="bytes per throughput transfer")
+    p.add_argument("--json", action="store_true")

@@ -1,0 +1,105 @@
+"""The edge server: an HTTP front for one edge runner (serving.edge_runner), which does all the work.
+
+POST /v1/classify (image bytes) -> EdgeAnswer JSON; GET /v1/config; GET /healthz (always open).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import fastapi
+import uvicorn
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from edgeexit.errors import UserError
+from edgeexit.serving.edge_runner import EdgeAnswer, Runner, load_runner
+from edgeexit.serving.http import (
+    bearer_auth,
+    binary_body,
+    check_content_type,
+    error,
+    error_responses,
+    install_error_handlers,
+    read_body,
+    resolve_token,
+)
+from edgeexit.serving.images import IMAGE_TYPES, ImageRejected
+from edgeexit.serving.server import check_port_free
+
+__all__ = ["create_edge_app", "serve_edge", "EDGE_TOKEN_ENV"]
+
+EDGE_TOKEN_ENV = "EDGEEXIT_EDGE_TOKEN"
+
+
+def create_edge_app(
+    runner: Runner, *, token: str | None = None, max_body_bytes: int = 16 << 20
+) -> fastapi.FastAPI:
+    """The edge server: POST /v1/classify (image bytes) -> EdgeAnswer JSON; GET /healthz, GET /v1/config.
+
+    `token` (None: $EDGEEXIT_EDGE_TOKEN) is the bearer token the edge's clients must send; the cloud's token is
+    the runner's client's business. The edge keeps serving when the cloud is down: answers then carry
+    outcome "offload_failed".
+    """
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+        raise UserError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
+    token = resolve_token(token, EDGE_TOKEN_ENV)
+    app = fastapi.FastAPI(title="edgeexit edge server", version="1", description=__doc__)
+    install_error_handlers(app)
+    api = fastapi.APIRouter(dependencies=[fastapi.Depends(bearer_auth(token))])
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: always open, even with a token configured."""
+        return {"status": "ok"}
+
+    @api.get("/v1/config", responses=error_responses(401))
+    async def config() -> dict[str, Any]:
+        """The runner's strategy, alpha, k, precision, cloud URL and model."""
+        return runner.config()
+
+    @api.post(
+        "/v1/classify",
+        response_model=EdgeAnswer,
+        openapi_extra=binary_body(*IMAGE_TYPES),
+        responses=error_responses(400, 401, 413, 415),
+    )
+    async def classify(request: Request) -> EdgeAnswer:
+        """Classify a PNG or JPEG image at the edge, offloading to the cloud when no exit is confident."""
+        check_content_type(request, IMAGE_TYPES)
+        body = await read_body(request, max_body_bytes)
+        try:
+            answer = await run_in_threadpool(runner.classify_image, body)
+        except ImageRejected as exc:
+            raise error(exc.status, str(exc)) from None
+        return answer
+
+    app.include_router(api)
+    return app
+
+
+def serve_edge(
+    run_dir: Path,
+    *,
+    cloud_url: str | None,
+    strategy: str = "ee",
+    alpha: float = 0.8,
+    k: int | None = None,
+    precision: str = "fp32",
+    host: str = "127.0.0.1",
+    port: int = 8001,
+    token: str | None = None,
+    cloud_token: str | None = None,
+    runtime: str = "torch",
+) -> None:
+    """Run the edge server with uvicorn until interrupted (token: clients' bearer token; cloud_token: the cloud's)."""
+    check_port_free(host, port)
+    runner = load_runner(
+        Path(run_dir), strategy=strategy, alpha=alpha, k=k, cloud_url=cloud_url, precision=precision,
+        token=cloud_token, runtime=runtime,
+    )  # fmt: skip
+    try:
+        uvicorn.run(create_edge_app(runner, token=token), host=host, port=port)
+    finally:
+        runner.close()

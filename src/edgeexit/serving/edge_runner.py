@@ -1,0 +1,381 @@
+"""The edge: runners that classify one image and offload the hard ones (no HTTP here; see edge_app).
+
+`EdgeRunner` (an edge policy: ee, ensemble, ensemble-mean, entropy) decodes and preprocesses an image
+(`spec.preprocessing`), runs stage i and side branch i through the runtime, calibrates the branch's logits
+(`inference.calibrate`), and asks the policy (`policy.policy_for`, the same code the offline sweep uses)
+whether to stop. When no branch up to k is confident it sends the stage-k tensor to the cloud
+(`wire.encode_payload`) and returns the cloud's answer. `ConventionalRunner` is the cloud-only model role:
+it sends the image itself to the cloud's conventional DNN.
+
+Failures lose nothing: when the cloud is unreachable, times out, answers 5xx after the client's retries, or
+refuses the payload (409 model mismatch, 422, 401...), the runner answers with the most confident edge exit
+computed so far (ensembles: the ensemble's own answer after branch k), outcome ``offload_failed`` and
+``detail`` saying why. The conventional runner with the cloud down runs the EE-DNN's edge exits 1..k and
+answers the same way. A runner without a cloud (no URL, no client) always falls back, detail
+"no cloud configured".
+
+MACs are counted as the offline records count them (`CostTable.executed_macs`, one rule): an answer at edge
+exit i costs stages 1..i and heads 1..i (ensembles decide only at k: stages and heads 1..k); an offloaded
+answer costs every stage, the k edge heads and the final head; a fallback costs what the edge ran (stages
+and heads 1..k); the conventional DNN costs its total. `bytes_sent` is the request body (safetensors payload
+or image bytes) the edge sent, 0 when it sent nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from edgeexit.errors import UserError
+from edgeexit.inference import calibrate
+from edgeexit.policy import CLOUD, CONVENTIONAL, POLICIES, Decision, Policy, policy_for
+from edgeexit.runtime import Runtime, load_runtime
+from edgeexit.serving import wire
+from edgeexit.serving.client import CloudClient, OffloadFailed
+from edgeexit.serving.images import ImageRejected, decode_image, png_bytes, sniff_image_type
+
+__all__ = ["EdgeAnswer", "EdgeRunner", "ConventionalRunner", "Runner", "load_runner", "make_runner", "classify_files"]
+
+log = logging.getLogger(__name__)
+
+NO_CLOUD = "no cloud configured"
+
+
+class EdgeAnswer(BaseModel):
+    """One image's answer at the edge: what, where, at what cost, how long it took (the edge server's JSON)."""
+
+    label: int
+    class_name: str
+    confidence: float
+    exit: int  # 1..k = edge branch; 0 = cloud (final exit or the conventional DNN)
+    answered_at: str  # "edge" | "cloud"
+    macs: int
+    bytes_sent: int
+    time_ms: float  # from the image in hand to the answer known (includes the HTTP round trip)
+    outcome: str  # "ok" | "offload_failed"
+    request_id: str
+    detail: str | None = None  # why the offload failed
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _check_k(k: Any, n: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n:
+        raise UserError(f"edge branches k={k!r}; this model accepts an integer in 1..{n}")
+    return int(k)
+
+
+class Runner:
+    """What every edge runner shares: the runtime, k, the wire precision, the cloud client, the MACs per exit."""
+
+    strategy: str
+
+    def __init__(
+        self, runtime: Runtime, *, k: int | None = None, client: CloudClient | None = None, precision: str = "fp32"
+    ) -> None:
+        if precision not in wire.PRECISIONS:
+            raise UserError(f"wire precision {precision!r}; expected one of {', '.join(wire.PRECISIONS)}")
+        self.runtime = runtime
+        self.spec = runtime.spec
+        self.prep = self.spec.preprocessing
+        self.costs = runtime.costs
+        self.client = client
+        self.precision = precision
+        self._owns_client = False
+        self.k = _check_k(self.spec.num_branches if k is None else k, self.spec.num_branches)
+        # Per exit i: the MACs of an answer there, and of an offload, by the offline rule.
+        exits = np.array([*range(1, self.k + 1), CLOUD])
+        heads = np.array([*range(1, self.k + 1), self.k])
+        macs = self.costs.executed_macs(exits, heads, self.k)
+        self._macs_at = [0, *(int(m) for m in macs[: self.k])]
+        self._macs_cloud = int(macs[-1])
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+
+    def variant(self, *, strategy: str, alpha: float, k: int | None = None) -> Runner:
+        """The same runtime, precision and client (one keep-alive connection) with another strategy; k None
+        keeps this runner's k."""
+        return make_runner(self.runtime, strategy=strategy, alpha=alpha, k=self.k if k is None else k,
+                           client=self.client, precision=self.precision)  # fmt: skip
+
+    def close(self) -> None:
+        """Close the cloud client if this runner created it (`load_runner` with a URL)."""
+        if self._owns_client and self.client is not None:
+            self.client.close()
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def config(self) -> dict[str, Any]:
+        """The runner's settings (the edge server's /v1/config)."""
+        return {
+            "strategy": self.strategy,
+            "alpha": self._alpha_out(),
+            "k": self.k,
+            "precision": self.precision,
+            "runtime": self.runtime.name,
+            "cloud_url": None if self.client is None else self.client.base_url,
+            "model_hash": self.spec.content_hash,
+            "num_branches": self.spec.num_branches,
+            "class_names": self.spec.class_names,
+            "input_size": self.spec.input_size,
+        }
+
+    def _alpha_out(self) -> float | None:
+        return None
+
+    # --- classification ------------------------------------------------------------------------------------
+
+    def classify_image(self, data: bytes) -> EdgeAnswer:
+        """Classify encoded image bytes (PNG or JPEG); the timer starts now, with the bytes in hand.
+
+        Bytes that are not a decodable PNG/JPEG raise ImageRejected (a UserError with an HTTP status).
+        """
+        raise NotImplementedError
+
+    def classify_uint8(self, x: torch.Tensor) -> EdgeAnswer:
+        """Classify one uint8 [3, S, S] image at the model's input size S."""
+        raise NotImplementedError
+
+    def _check_uint8(self, x: torch.Tensor) -> None:
+        s = self.spec.input_size
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or tuple(x.shape) != (3, s, s):
+            raise UserError(f"expected a uint8 tensor [3, {s}, {s}], got {getattr(x, 'dtype', type(x))} "
+                            f"{tuple(getattr(x, 'shape', ()))}")  # fmt: skip
+
+    def _to_uint8(self, data: bytes) -> torch.Tensor:
+        return self.prep.to_uint8(decode_image(data))
+
+    def _run_edge(self, x: torch.Tensor, policy: Policy) -> tuple[int | None, list[torch.Tensor], Decision, torch.Tensor]:
+        """Stages and branches 1..k until the policy stops: (stop exit or None, probs so far, last decision, h)."""
+        probs: list[torch.Tensor] = []
+        with torch.inference_mode():
+            h = self.prep.normalize(x).unsqueeze(0)
+            for i in range(1, self.k + 1):
+                h, logits = self.runtime.edge_stage(i, h)
+                probs.append(calibrate(logits, self.spec.temperature(i)))
+                d = policy.decide(probs, self.k)
+                if bool(d.stop[0]):
+                    return i, probs, d, h
+        return None, probs, d, h
+
+    def _edge_answer(self, d: Decision, i: int, request_id: str, t0: float, *, failed: str | None = None,
+                     bytes_sent: int = 0, macs: int | None = None) -> EdgeAnswer:  # fmt: skip
+        label = int(d.label[0])
+        return EdgeAnswer(
+            label=label, class_name=self.spec.class_names[label], confidence=float(d.confidence[0]), exit=i,
+            answered_at="edge", macs=self._macs_at[i] if macs is None else macs, bytes_sent=bytes_sent,
+            time_ms=_ms(t0), outcome="ok" if failed is None else "offload_failed", request_id=request_id,
+            detail=failed,
+        )  # fmt: skip
+
+    def _fallback(self, probs: Sequence[torch.Tensor], last: Decision, policy: Policy, request_id: str,
+                  t0: float, why: str, bytes_sent: int) -> EdgeAnswer:  # fmt: skip
+        """The best answer the edge has: the ensemble's after branch k, else the most confident exit so far."""
+        if policy.decides_every_exit:
+            confs = [float(p.max()) for p in probs]
+            i = confs.index(max(confs)) + 1  # ties: the earliest exit
+            conf, label = probs[i - 1].max(dim=1)
+            d = Decision(stop=torch.ones(1, dtype=torch.bool), label=label, confidence=conf.to(torch.float32))
+        else:
+            i, d = len(probs), last
+        if why == NO_CLOUD:
+            log.debug("no cloud configured: answering at edge exit %d", i)
+        else:
+            log.warning("offload failed (%s); answering at edge exit %d", why, i)
+        # What the edge ran: stages and heads 1..k, i.e. the cost of an answer at exit k.
+        return self._edge_answer(d, i, request_id, t0, failed=why, bytes_sent=bytes_sent, macs=self._macs_at[self.k])
+
+
+class EdgeRunner(Runner):
+    """The edge half of the system for one edge policy (strategy, alpha), k and wire precision."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        strategy: str,
+        alpha: float,
+        k: int | None = None,
+        client: CloudClient | None = None,
+        precision: str = "fp32",
+    ) -> None:
+        super().__init__(runtime, k=k, client=client, precision=precision)
+        POLICIES.get(strategy)  # unknown name: UserError listing the known ones
+        try:
+            self.alpha = float(alpha)
+        except (TypeError, ValueError):
+            raise UserError(f"alpha must be a number, got {alpha!r}") from None
+        if math.isnan(self.alpha):
+            raise UserError(f"alpha must be a number >= 0 for strategy {strategy!r}, got {alpha!r}")
+        self.strategy = strategy
+        self.policy = policy_for(strategy, self.alpha, self.spec.ensemble_weights)
+        # One dry decision at exit k: a policy that cannot work with this k (too few ensemble weights) fails now.
+        uniform = torch.full((1, self.spec.num_classes), 1.0 / self.spec.num_classes)
+        self.policy.decide([uniform] * self.k, self.k)
+
+    def _alpha_out(self) -> float | None:
+        return self.alpha
+
+    def classify_image(self, data: bytes) -> EdgeAnswer:
+        """Classify encoded image bytes (PNG or JPEG); the timer starts now, with the bytes in hand."""
+        t0 = time.perf_counter()
+        return self._classify(self._to_uint8(data), t0)
+
+    def classify_uint8(self, x: torch.Tensor) -> EdgeAnswer:
+        """Classify one uint8 [3, S, S] image at the model's input size S."""
+        t0 = time.perf_counter()
+        self._check_uint8(x)
+        return self._classify(x, t0)
+
+    def _classify(self, x: torch.Tensor, t0: float) -> EdgeAnswer:
+        request_id = uuid.uuid4().hex
+        stop, probs, d, h = self._run_edge(x, self.policy)
+        if stop is not None:
+            return self._edge_answer(d, stop, request_id, t0)
+        if self.client is None:
+            return self._fallback(probs, d, self.policy, request_id, t0, NO_CLOUD, 0)
+        try:
+            body = wire.encode_payload(
+                h, model_hash=self.spec.content_hash, k=self.k, request_id=request_id, precision=self.precision
+            )
+        except UserError as exc:  # e.g. a tensor outside the fp16 range: the edge's answer still stands
+            return self._fallback(probs, d, self.policy, request_id, t0, f"cannot encode the payload: {exc}", 0)
+        try:
+            ans = self.client.offload(body, request_id)
+        except OffloadFailed as exc:
+            return self._fallback(probs, d, self.policy, request_id, t0, str(exc), len(body))
+        return EdgeAnswer(
+            label=ans.label, class_name=ans.class_name, confidence=ans.confidence, exit=CLOUD,
+            answered_at="cloud", macs=self._macs_cloud, bytes_sent=len(body), time_ms=_ms(t0), outcome="ok",
+            request_id=request_id,
+        )  # fmt: skip
+
+
+class ConventionalRunner(Runner):
+    """The cloud-only model role: the image goes to the cloud's conventional DNN; the edge runs nothing
+    unless the cloud fails, and then answers from the EE-DNN's edge exits 1..k."""
+
+    strategy = CONVENTIONAL
+
+    def __init__(
+        self, runtime: Runtime, *, k: int | None = None, client: CloudClient | None = None, precision: str = "fp32"
+    ) -> None:
+        super().__init__(runtime, k=k, client=client, precision=precision)
+        if runtime.conventional_macs is None:
+            raise UserError("strategy 'conventional' needs the conventional DNN (RUN_DIR/conventional)")
+        self.conventional_macs = runtime.conventional_macs
+        self._never = policy_for("ee", math.inf)  # the fallback runs every edge exit 1..k
+
+    def classify_image(self, data: bytes) -> EdgeAnswer:
+        """Send image bytes (PNG or JPEG) to the cloud's conventional DNN; the timer starts now."""
+        t0 = time.perf_counter()
+        content_type = sniff_image_type(data)
+        if content_type is None:
+            raise ImageRejected(415, "image bytes are neither PNG nor JPEG; expected PNG or JPEG")
+        return self._classify(data, content_type, None, t0)
+
+    def classify_uint8(self, x: torch.Tensor) -> EdgeAnswer:
+        """Send one uint8 [3, S, S] image (as a lossless PNG) to the cloud's conventional DNN."""
+        t0 = time.perf_counter()
+        self._check_uint8(x)
+        return self._classify(png_bytes(x), "image/png", x, t0)
+
+    def _classify(self, data: bytes, content_type: str, x: torch.Tensor | None, t0: float) -> EdgeAnswer:
+        request_id = uuid.uuid4().hex
+        why, sent = NO_CLOUD, 0
+        if self.client is not None:
+            try:
+                ans = self.client.classify(data, content_type)
+            except OffloadFailed as exc:
+                why, sent = str(exc), len(data)
+            else:
+                return EdgeAnswer(
+                    label=ans.label, class_name=ans.class_name, confidence=ans.confidence, exit=CLOUD,
+                    answered_at="cloud", macs=self.conventional_macs, bytes_sent=len(data), time_ms=_ms(t0),
+                    outcome="ok", request_id=ans.request_id or request_id,
+                )  # fmt: skip
+        # Cloud down: the EE-DNN's edge exits 1..k still give an answer (the most confident one).
+        _, probs, d, _ = self._run_edge(x if x is not None else self._to_uint8(data), self._never)
+        return self._fallback(probs, d, self._never, request_id, t0, why, sent)
+
+
+def make_runner(
+    runtime: Runtime,
+    *,
+    strategy: str,
+    alpha: float,
+    k: int | None = None,
+    client: CloudClient | None = None,
+    precision: str = "fp32",
+) -> Runner:
+    """The runner of `strategy`: an `EdgeRunner` for an edge policy, a `ConventionalRunner` for the
+    cloud-only conventional DNN (alpha unused)."""
+    if strategy == CONVENTIONAL:
+        return ConventionalRunner(runtime, k=k, client=client, precision=precision)
+    return EdgeRunner(runtime, strategy=strategy, alpha=alpha, k=k, client=client, precision=precision)
+
+
+def load_runner(
+    run_dir: Path,
+    *,
+    strategy: str,
+    alpha: float,
+    k: int | None = None,
+    cloud_url: str | None = None,
+    client: CloudClient | None = None,
+    precision: str = "fp32",
+    token: str | None = None,
+    retries: int = 2,
+    timeout: float = 10.0,
+    runtime: str = "torch",
+) -> Runner:
+    """The runner of `strategy` over RUN_DIR/ee (the conventional DNN's spec and MACs when the run has one).
+
+    `client` wins over `cloud_url`; with neither there is no cloud and every offload falls back to the
+    edge. `token` is the cloud's bearer token (None: $EDGEEXIT_TOKEN). k None = all branches.
+    """
+    rt = load_runtime(Path(run_dir), runtime, load_conventional=False)
+    owns = False
+    if client is None and cloud_url is not None:
+        client = CloudClient(cloud_url, token=token, retries=retries, timeout=timeout)
+        owns = True
+    if client is None:
+        log.warning("no cloud configured: every offload falls back to the edge's most confident exit")
+    try:
+        runner = make_runner(rt, strategy=strategy, alpha=alpha, k=k, client=client, precision=precision)
+    except BaseException:
+        if owns:
+            client.close()  # type: ignore[union-attr]
+        raise
+    runner._owns_client = owns
+    return runner
+
+
+def classify_files(paths: Sequence[Path], runner: Runner) -> list[EdgeAnswer]:
+    """Classify image files with `runner`; an unreadable or undecodable file raises a UserError naming it."""
+    answers = []
+    for path in paths:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise UserError(f"cannot read image {path}: {exc.strerror or exc}") from None
+        try:
+            answers.append(runner.classify_image(data))
+        except ImageRejected as exc:
+            raise UserError(f"{path}: {exc}") from None
+    return answers

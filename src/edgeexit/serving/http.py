@@ -1,0 +1,142 @@
+"""HTTP plumbing shared by the cloud and edge apps: bearer-token auth (a FastAPI dependency), bounded bodies,
+content types, one-line JSON errors and their OpenAPI descriptions."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import fastapi
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+__all__ = [
+    "TOKEN_ENV",
+    "binary_body",
+    "bearer_auth",
+    "check_content_type",
+    "error",
+    "error_responses",
+    "install_error_handlers",
+    "read_body",
+    "resolve_token",
+]
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "EDGEEXIT_TOKEN"
+_AUTH_DETAIL = "missing or wrong bearer token; expected header 'Authorization: Bearer <token>'"
+
+
+def resolve_token(token: str | None, env: str = TOKEN_ENV) -> str | None:
+    """The token given, else the environment variable `env`, else None (no token); empty counts as none."""
+    value = token if token is not None else os.environ.get(env)
+    return value or None
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """Error details are single lines: clients log them, and multi-line text breaks log parsers."""
+    return " ".join(str(text).split())[:limit]
+
+
+def error(status: int, detail: str) -> fastapi.HTTPException:
+    """An HTTPException whose JSON body is {"detail": "<one line>"}."""
+    return fastapi.HTTPException(status_code=status, detail=_one_line(detail))
+
+
+def bearer_auth(token: str | None) -> Callable[[Request], Awaitable[None]]:
+    """A FastAPI dependency that answers 401 unless the request carries `Authorization: Bearer <token>`.
+
+    With `token` None every request passes. Routers that hold the protected routes take it as
+    `dependencies=[Depends(bearer_auth(token))]`; /healthz stays open. It runs before the body is read.
+    """
+    expected = None if token is None else f"Bearer {token}".encode()
+
+    async def check(request: Request) -> None:
+        if expected is None:
+            return
+        given = request.headers.get("authorization", "").encode("latin-1", "replace")
+        # compare_digest on bytes: the time taken does not depend on where the first difference is.
+        if not hmac.compare_digest(given, expected):
+            raise fastapi.HTTPException(401, _AUTH_DETAIL, headers={"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
+def install_error_handlers(app: fastapi.FastAPI) -> None:
+    """Every error answers {"detail": "<one line>"}: validation errors flattened, crashes logged and hidden."""
+
+    async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for e in exc.errors()[:3]:
+            where = ".".join(str(p) for p in e.get("loc", ()))
+            parts.append(f"{where}: {e.get('msg', 'invalid')}")
+        return JSONResponse({"detail": _one_line("invalid request; " + "; ".join(parts))}, status_code=422)
+
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"detail": _one_line(str(exc.detail))}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    async def crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
+
+    app.add_exception_handler(RequestValidationError, validation)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, crash)
+
+
+def check_content_type(request: Request, accepted: tuple[str, ...], *, allow_missing: bool = False) -> str:
+    """The request's media type if it is one of `accepted` (parameters ignored); else 415."""
+    raw = request.headers.get("content-type")
+    if raw is None and allow_missing:
+        return accepted[0]
+    media = (raw or "").split(";", 1)[0].strip().lower()
+    if media not in accepted:
+        raise error(415, f"Content-Type {(raw or '(none)')[:60]!r}; expected {' or '.join(accepted)}")
+    return media
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, at most `limit` bytes: 413 from Content-Length before reading anything, or as soon as
+    a body without one (chunked) passes the limit; the rest is never read."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise error(400, f"Content-Length {declared[:30]!r}; expected a non-negative integer")
+        if int(declared) > limit:
+            raise error(413, f"request body of {int(declared)} bytes; the limit is {limit} bytes")
+    chunks: list[bytes] = []
+    n = 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > limit:
+            raise error(413, f"request body over {limit} bytes; the limit is {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def binary_body(*media_types: str) -> dict[str, Any]:
+    """`openapi_extra` describing a raw binary request body of the given media types."""
+    schema = {"type": "string", "format": "binary"}
+    return {"requestBody": {"required": True, "content": {m: {"schema": schema} for m in media_types}}}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for error codes, each with the {"detail": str} body."""
+    described = {
+        400: "malformed body", 401: "missing or wrong bearer token", 409: "model hash mismatch",
+        413: "body too large", 415: "wrong Content-Type or image format", 422: "valid body the model cannot take",
+        503: "no model for this request",
+    }  # fmt: skip
+    schema = {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}
+    return {c: {"description": described.get(c, "error"), "content": {"application/json": {"schema": schema}}}
+            for c in codes}  # fmt: skip
+
+
