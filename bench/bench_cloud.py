@@ -85,9 +85,13 @@ def throughput(run_dir: Path, requests: int, clients: list[int], k: int | None, 
             wall = max(r[2] for r in results) - t0
             lat = [v for r in results for v in r[0]]
             srv = [v for r in results for v in r[1]]
-            rows.append((c, requests / wall, _percentile(lat, 50), _percentile(lat, 99), statistics.fmean(srv)))
-    print(f"cloud server /v1/offload: mobilenet_v2 {spec.input_size}px, k={k} (tensor {list(h.shape[1:])}, "
-          f"{len(body)} B at {precision}), {requests} requests per row, 1 uvicorn worker, loopback")  # fmt: skip
+            rows.append(
+                (c, requests / wall, _percentile(lat, 50), _percentile(lat, 99), statistics.fmean(srv))
+            )
+    print(
+        f"cloud server /v1/offload: mobilenet_v2 {spec.input_size}px, k={k} (tensor {list(h.shape[1:])}, "
+        f"{len(body)} B at {precision}), {requests} requests per row, 1 uvicorn worker, loopback"
+    )
     print("| clients | req/s | vs 1 client | p50 ms | p99 ms | mean server compute ms |")
     print("|---:|---:|---:|---:|---:|---:|")
     base = rows[0][1]
@@ -105,8 +109,10 @@ def precision_accuracy(run_dir: Path, limit: int | None) -> None:
     ids = np.asarray(split.test[:limit])
     labels = torch.as_tensor(ds.labels[ids])
     images = load_uint8(ds, ids, prep)
-    print(f"wire precision cost on {cfg.dataset.name} test split ({len(ids)} images), every image offloaded "
-          f"at k (the final exit answers), one payload per image as the edge sends it")  # fmt: skip
+    print(
+        f"wire precision cost on {cfg.dataset.name} test split ({len(ids)} images), every image offloaded "
+        f"at k (the final exit answers), one payload per image as the edge sends it"
+    )
     print("| k | precision | accuracy | agrees with fp32 | max abs conf. change | payload B |")
     print("|---:|---|---:|---:|---:|---:|")
     for k in range(1, models.ee_spec.num_branches + 1):
@@ -115,9 +121,12 @@ def precision_accuracy(run_dir: Path, limit: int | None) -> None:
         ref_label, ref_conf = None, None
         for precision in wire.PRECISIONS:
             decoded, size = [], 0
-            for i in range(len(ids)):  # one payload per image: int8 scales are per image, as the edge sends them
-                body = wire.encode_payload(h[i : i + 1], model_hash=models.ee_hash, k=k, request_id=str(i),
-                                           precision=precision)  # fmt: skip
+            for i in range(
+                len(ids)
+            ):  # one payload per image: int8 scales are per image, as the edge sends them
+                body = wire.encode_payload(
+                    h[i : i + 1], model_hash=models.ee_hash, k=k, request_id=str(i), precision=precision
+                )
                 size = len(body)
                 decoded.append(wire.decode_payload(body).tensor)  # exactly what the server does with the body
             got_l, got_c = [], []
@@ -142,8 +151,13 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--k", type=int, default=None, help="split point (default: all branches)")
     ap.add_argument("--precision", default="fp32", choices=list(wire.PRECISIONS))
-    ap.add_argument("--accuracy", type=Path, default=None, metavar="RUN_DIR",
-                    help="instead: the accuracy each wire precision costs on this trained run")  # fmt: skip
+    ap.add_argument(
+        "--accuracy",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="instead: the accuracy each wire precision costs on this trained run",
+    )
     ap.add_argument("--limit", type=int, default=None, help="with --accuracy: first N test images")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -51,7 +51,9 @@ def main() -> None:
     k = args.k
     # Never stop early: max-probability rules with alpha > 1; entropy with threshold 1 - alpha = 0 (one-hot only).
     alpha = 1.0 if args.strategy == "entropy" else 2.0
-    runner = EdgeRunner(TorchRuntime(net, spec, costs=cost_table(net, s)), strategy=args.strategy, alpha=alpha, k=k)
+    runner = EdgeRunner(
+        TorchRuntime(net, spec, costs=cost_table(net, s)), strategy=args.strategy, alpha=alpha, k=k
+    )
     logging.getLogger("edgeexit").setLevel(logging.ERROR)
     temps = spec.temperatures
 
@@ -79,11 +81,15 @@ def main() -> None:
     assert a.exit == k or args.strategy == "ee", a  # ensembles answer at k; ee at its most confident exit
     m_bare = statistics.median(t_bare) * 1e3
     m_runner = statistics.median(t_runner) * 1e3
-    print(f"edge runner overhead, mobilenet_v2 input {s}px, k={k}, strategy {args.strategy}, "
-          f"{args.repeats} interleaved repeats, torch threads {torch.get_num_threads()}")  # fmt: skip
+    print(
+        f"edge runner overhead, mobilenet_v2 input {s}px, k={k}, strategy {args.strategy}, "
+        f"{args.repeats} interleaved repeats, torch threads {torch.get_num_threads()}"
+    )
     print(f"  bare forward (edge_part + softmax): median {m_bare:.3f} ms")
     print(f"  EdgeRunner.classify_uint8:          median {m_runner:.3f} ms")
-    print(f"  runner / bare = {m_runner / m_bare:.3f}  (overhead {100 * (m_runner / m_bare - 1):+.1f}%, target <= +10%)")
+    print(
+        f"  runner / bare = {m_runner / m_bare:.3f}  (overhead {100 * (m_runner / m_bare - 1):+.1f}%, target <= +10%)"
+    )
 
 
 if __name__ == "__main__":

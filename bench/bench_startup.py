@@ -298,8 +298,10 @@ def _runs(xs: list[float], fmt: str = ".2f") -> str:
 
 def report(res: Results, args: argparse.Namespace, run: Path) -> None:
     print()
-    print(f"run {run}; {args.repeats} repeat(s); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
-          f"children with OMP_NUM_THREADS=1" + (f"; --limit {args.limit}" if args.limit else ""))  # fmt: skip
+    print(
+        f"run {run}; {args.repeats} repeat(s); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
+        f"children with OMP_NUM_THREADS=1" + (f"; --limit {args.limit}" if args.limit else "")
+    )
     if not args.skip_evaluate:
         cli, inproc = _med(res.cli), _med(res.inproc)
         print()
@@ -308,10 +310,14 @@ def report(res: Results, args: argparse.Namespace, run: Path) -> None:
         print(f"| `edgeexit evaluate` CLI, whole process wall | {cli:.2f} | {_runs(res.cli)} |")
         print(f"| `evaluate_run` in-process (imports not timed) | {inproc:.2f} | {_runs(res.inproc)} |")
         print(f"| CLI process CPU (user+sys) | {_med(res.cli_cpu):.2f} | {_runs(res.cli_cpu)} |")
-        print(f"| in-process side: import edgeexit.evaluate.sweep (not timed above) | "
-              f"{_med(res.inproc_import):.2f} | {_runs(res.inproc_import)} |")  # fmt: skip
-        print(f"| before evaluate starts: `python -c \"import edgeexit.cli; import edgeexit.evaluate.sweep\"` "
-              f"CPU | {_med(res.pre_cpu):.2f} | {_runs(res.pre_cpu)} |")  # fmt: skip
+        print(
+            f"| in-process side: import edgeexit.evaluate.sweep (not timed above) | "
+            f"{_med(res.inproc_import):.2f} | {_runs(res.inproc_import)} |"
+        )
+        print(
+            f'| before evaluate starts: `python -c "import edgeexit.cli; import edgeexit.evaluate.sweep"` '
+            f"CPU | {_med(res.pre_cpu):.2f} | {_runs(res.pre_cpu)} |"
+        )
         print(f"| same, wall | {_med(res.pre_wall):.2f} | {_runs(res.pre_wall)} |")
         print(f"| bare interpreter `python -c pass` CPU | {_med(res.bare_cpu):.2f} | {_runs(res.bare_cpu)} |")
         print(f"| same, wall | {_med(res.bare_wall):.2f} | {_runs(res.bare_wall)} |")
@@ -341,8 +347,12 @@ def report(res: Results, args: argparse.Namespace, run: Path) -> None:
 def main() -> int:
     """Run both measurements; print the tables and ratios."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", type=Path, default=Path("runs/default"),
-                   help="a trained, calibrated run directory (copied; default: runs/default)")  # fmt: skip
+    p.add_argument(
+        "--run",
+        type=Path,
+        default=Path("runs/default"),
+        help="a trained, calibrated run directory (copied; default: runs/default)",
+    )
     p.add_argument(
         "--repeats", type=int, default=3, help="repeats of every measurement; medians are reported"
     )

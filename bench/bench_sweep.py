@@ -67,11 +67,19 @@ def make_run(root: Path, src: Path | None) -> RunConfig:
     run.save_config(cfg)
     ds, _, prep = prepare_data(cfg, run)
     common = dict(
-        num_classes=len(ds.class_names), class_names=ds.class_names, input_size=prep.input_size,
-        resize_size=prep.resize_size, mean=prep.mean, std=prep.std, head=cfg.model.head, dataset=cfg.dataset.name,
-    )  # fmt: skip
+        num_classes=len(ds.class_names),
+        class_names=ds.class_names,
+        input_size=prep.input_size,
+        resize_size=prep.resize_size,
+        mean=prep.mean,
+        std=prep.std,
+        head=cfg.model.head,
+        dataset=cfg.dataset.name,
+    )
     torch.manual_seed(0)
-    net, spec = new_model(cfg.model.backbone, branches=cfg.model.branches, placement=cfg.model.placement, **common)
+    net, spec = new_model(
+        cfg.model.backbone, branches=cfg.model.branches, placement=cfg.model.placement, **common
+    )
     spec.temperatures = [1.0] * spec.num_exits
     spec.ensemble_weights = [1.0 / spec.num_branches] * spec.num_branches
     save_checkpoint(run.ee, net, spec)
@@ -122,10 +130,20 @@ def authors_way(
     t = time.perf_counter()
     images = load_uint8(ds, ids, spec.preprocessing)
     rec = direct_records(
-        net, spec, conv, cspec, images, ds.labels[ids], ids, grid=sub, costs=costs, conv_macs=conv_costs.total_macs,
+        net,
+        spec,
+        conv,
+        cspec,
+        images,
+        ds.labels[ids],
+        ids,
+        grid=sub,
+        costs=costs,
+        conv_macs=conv_costs.total_macs,
         payload_bytes=payload_table(costs, cfg.experiment.precision, conv_costs.input_bytes),
-        dataset=cfg.dataset.name, batch_size=batch_size,
-    )  # fmt: skip
+        dataset=cfg.dataset.name,
+        batch_size=batch_size,
+    )
     seconds = time.perf_counter() - t
     return seconds, len(grid.levels) / len(sub.levels) * len(all_ids) / len(ids), rec
 
@@ -161,12 +179,16 @@ def main() -> None:
         grid = grid_of(cfg, spec.num_branches)
         ds, split, _ = prepare_data(cfg, run)
         n_configs = len(grid.levels) * len(grid.alphas) * len(grid.edge_branches) * len(grid.strategies)
-        print(f"dataset {cfg.dataset.name}: {len(split.test)} test images; grid {len(grid.levels)} levels x "
-              f"{len(grid.alphas)} alphas x {len(grid.edge_branches)} k x {len(grid.strategies)} strategies "
-              f"= {n_configs} configurations")  # fmt: skip
-        print(f"machine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
-              f"load average {os.getloadavg()[0]:.2f}; dataset decode (once per process, not timed below) "
-              f"{t_data:.2f} s")  # fmt: skip
+        print(
+            f"dataset {cfg.dataset.name}: {len(split.test)} test images; grid {len(grid.levels)} levels x "
+            f"{len(grid.alphas)} alphas x {len(grid.edge_branches)} k x {len(grid.strategies)} strategies "
+            f"= {n_configs} configurations"
+        )
+        print(
+            f"machine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+            f"load average {os.getloadavg()[0]:.2f}; dataset decode (once per process, not timed below) "
+            f"{t_data:.2f} s"
+        )
 
         forward_only(run, cfg, grid)  # warm-up: first-call costs of torch kernels
         a_times, b_times = [], []
@@ -192,18 +214,28 @@ def main() -> None:
         n_sub = len(levels) * len(grid.alphas) * len(grid.edge_branches) * len(grid.strategies)
         where = f"{n_sub} configurations (level{'s' if len(levels) > 1 else ''} {', '.join(f'{x:g}' for x in levels)})"
 
-        print(f"(a)  forward passes alone            {a:8.2f} s   (runs: {', '.join(f'{x:.2f}' for x in a_times)})")
-        print(f"(b)  evaluate_run, empty cache       {b:8.2f} s   (runs: {', '.join(f'{x:.2f}' for x in b_times)})")
+        print(
+            f"(a)  forward passes alone            {a:8.2f} s   (runs: {', '.join(f'{x:.2f}' for x in a_times)})"
+        )
+        print(
+            f"(b)  evaluate_run, empty cache       {b:8.2f} s   (runs: {', '.join(f'{x:.2f}' for x in b_times)})"
+        )
         print(f"     evaluate_run again, warm cache  {b_warm:8.2f} s   ({len(records)} records)")
-        print(f"(c)  authors' way: re-run per config, {c1:7.2f} s   (one image at a time, as the authors' extraction "
-              f"script; {tc1:.2f} s measured on {where} x {n_img or len(split.test)} images, scaled linearly x{f1:.1f})")
-        print(f"(c') re-run per config, batched      {cb:8.2f} s   (batch {exp.batch_size} as in (b); {tcb:.2f} s "
-              f"measured on {where}, scaled linearly x{fb:.1f})")  # fmt: skip
+        print(
+            f"(c)  authors' way: re-run per config, {c1:7.2f} s   (one image at a time, as the authors' extraction "
+            f"script; {tc1:.2f} s measured on {where} x {n_img or len(split.test)} images, scaled linearly x{f1:.1f})"
+        )
+        print(
+            f"(c') re-run per config, batched      {cb:8.2f} s   (batch {exp.batch_size} as in (b); {tcb:.2f} s "
+            f"measured on {where}, scaled linearly x{fb:.1f})"
+        )
         print(f"batched direct records identical to the cached sweep on those levels: {identical}")
         print(f"(b)/(a)  = {b / a:.2f}   (target <= 1.3)")
         print(f"(c)/(b)  = {c1 / b:.1f}   (target >= 20)")
-        print(f"(c')/(b) = {cb / b:.1f}   (~{n_configs / (2 * len(grid.levels)):.0f} expected when forward passes "
-              f"dominate: {n_configs} model runs against 2 per level)")  # fmt: skip
+        print(
+            f"(c')/(b) = {cb / b:.1f}   (~{n_configs / (2 * len(grid.levels)):.0f} expected when forward passes "
+            f"dominate: {n_configs} model runs against 2 per level)"
+        )
 
 
 if __name__ == "__main__":

@@ -62,14 +62,25 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
 def bench(t: torch.Tensor, repeats: int, json_repeats: int) -> list[tuple[str, int, float, float]]:
     """(format, bytes, encode ms, decode ms) for the JSON baseline and each precision."""
     body = json_list_payload(t)
-    rows = [("json", len(body), median_ms(lambda: json_list_payload(t), json_repeats),
-             median_ms(lambda: decode_json_list(body), json_repeats))]
+    rows = [
+        (
+            "json",
+            len(body),
+            median_ms(lambda: json_list_payload(t), json_repeats),
+            median_ms(lambda: decode_json_list(body), json_repeats),
+        )
+    ]
     meta = {"model_hash": "0" * 64, "k": 3, "request_id": "00000000-0000-0000-0000-000000000000"}
     for precision in PRECISIONS:
         body_p = encode_payload(t, precision=precision, **meta)
-        rows.append((precision, len(body_p),
-                     median_ms(lambda p=precision: encode_payload(t, precision=p, **meta), repeats),
-                     median_ms(lambda b=body_p: decode_payload(b), repeats)))
+        rows.append(
+            (
+                precision,
+                len(body_p),
+                median_ms(lambda p=precision: encode_payload(t, precision=p, **meta), repeats),
+                median_ms(lambda b=body_p: decode_payload(b), repeats),
+            )
+        )
     return rows
 
 
@@ -84,9 +95,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)  # a benchmark choice, never done in library code
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.repeats} "
-          f"(JSON: {args.json_repeats}) runs; time = encode + decode\n")
-    print("| shape | format | bytes | encode ms | decode ms | total ms | JSON bytes / ours | JSON time / ours |")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.repeats} "
+        f"(JSON: {args.json_repeats}) runs; time = encode + decode\n"
+    )
+    print(
+        "| shape | format | bytes | encode ms | decode ms | total ms | JSON bytes / ours | JSON time / ours |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     worst: dict[str, tuple[float, float]] = {}
     for t in intermediate_tensors():
@@ -94,8 +109,10 @@ def main() -> None:
         json_bytes, json_ms = rows[0][1], rows[0][2] + rows[0][3]
         for fmt, nbytes, enc, dec in rows:
             size_x, time_x = json_bytes / nbytes, json_ms / (enc + dec)
-            print(f"| {list(t.shape)} | {fmt} | {nbytes:,} | {enc:.3f} | {dec:.3f} | {enc + dec:.3f} "
-                  f"| {size_x:.1f}x | {time_x:.0f}x |")
+            print(
+                f"| {list(t.shape)} | {fmt} | {nbytes:,} | {enc:.3f} | {dec:.3f} | {enc + dec:.3f} "
+                f"| {size_x:.1f}x | {time_x:.0f}x |"
+            )
             if fmt != "json":
                 old = worst.get(fmt, (float("inf"), float("inf")))
                 worst[fmt] = (min(old[0], size_x), min(old[1], time_x))
@@ -103,7 +120,9 @@ def main() -> None:
     for fmt, (size_x, time_x) in worst.items():
         print(f"- {fmt}: {size_x:.1f}x smaller, {time_x:.0f}x faster")
     size16, time16 = worst["fp16"]
-    print(f"\ntarget at fp16 (>= 4x smaller, >= 50x faster): {'met' if size16 >= 4 and time16 >= 50 else 'NOT met'}")
+    print(
+        f"\ntarget at fp16 (>= 4x smaller, >= 50x faster): {'met' if size16 >= 4 and time16 >= 50 else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

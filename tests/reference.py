@@ -130,12 +130,33 @@ def sweep_records(
         if strategy == CONVENTIONAL:
             if conv_probs is None or conv_macs is None:
                 raise ValueError("strategy 'conventional' needs conv_probs and conv_macs")
-            out.extend(conventional_columns(conv_probs, label_arr, ids, conv_macs=conv_macs, alphas=alphas,
-                                            edge_branches=edge_branches, where=where, payload_bytes=payload_bytes[0]))
+            out.extend(
+                conventional_columns(
+                    conv_probs,
+                    label_arr,
+                    ids,
+                    conv_macs=conv_macs,
+                    alphas=alphas,
+                    edge_branches=edge_branches,
+                    where=where,
+                    payload_bytes=payload_bytes[0],
+                )
+            )
         else:
-            out.extend(policy_columns(ee_probs, label_arr, ids, costs=costs, ee_spec=ee_spec, strategy=strategy,
-                                      alphas=alphas, edge_branches=edge_branches, where=where,
-                                      payload_bytes=payload_bytes))
+            out.extend(
+                policy_columns(
+                    ee_probs,
+                    label_arr,
+                    ids,
+                    costs=costs,
+                    ee_spec=ee_spec,
+                    strategy=strategy,
+                    alphas=alphas,
+                    edge_branches=edge_branches,
+                    where=where,
+                    payload_bytes=payload_bytes,
+                )
+            )
     return out.frame()
 
 
@@ -253,5 +274,3 @@ def direct_records(
             ).astype(RECORD_DTYPES)
         )
     return concat_records(frames)
-
-

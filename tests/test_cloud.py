@@ -85,8 +85,15 @@ def _payload(cloud: Cloud, k: int, b: int = 1, **over: object) -> tuple[bytes, t
 
 
 def _raw_payload(tensor: torch.Tensor, **meta: str) -> bytes:
-    base = {"format": wire.FORMAT, "model_hash": "", "k": "1", "request_id": "r", "precision": "fp32",
-            "dtype": "float32", "shape": json.dumps(list(tensor.shape))}  # fmt: skip
+    base = {
+        "format": wire.FORMAT,
+        "model_hash": "",
+        "k": "1",
+        "request_id": "r",
+        "precision": "fp32",
+        "dtype": "float32",
+        "shape": json.dumps(list(tensor.shape)),
+    }
     base.update(meta)
     return safetensors.torch.save({"tensor": tensor}, metadata=base)
 
@@ -147,7 +154,9 @@ def test_classify_runs_the_conventional_dnn(cloud: Cloud, http: httpx.Client, fm
     assert r.status_code == 200, r.text
     got = r.json()
     # The reference input: what the server decodes (JPEG is lossy), preprocessed the same way.
-    decoded = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy()).permute(2, 0, 1)
+    decoded = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy()).permute(
+        2, 0, 1
+    )
     with torch.no_grad():
         logits = cloud.conv(cloud.cspec.preprocessing.normalize(decoded.unsqueeze(0)))[-1]
     labels, confs = _calibrated(logits, cloud.cspec.temperatures[-1])
@@ -184,23 +193,57 @@ def bad_payloads(cloud: Cloud) -> dict[str, tuple[bytes, int, str]]:
         ("hash", _payload(cloud, 1, model_hash=other)[0], 409, f"{other}.*{cloud.spec.content_hash}"),
         ("k0", wire.encode_payload(h, model_hash=cloud.spec.content_hash, k=0, request_id="r"), 422, "k=0"),
         ("k4", wire.encode_payload(h, model_hash=cloud.spec.content_hash, k=4, request_id="r"), 422, "1..3"),
-        ("shape", wire.encode_payload(h, model_hash=cloud.spec.content_hash, k=2, request_id="r"), 422,
-         "expected \\[B, 64, 2, 2\\]"),
-        ("rank", wire.encode_payload(h[0], model_hash=cloud.spec.content_hash, k=1, request_id="r"), 422, "shape"),
+        (
+            "shape",
+            wire.encode_payload(h, model_hash=cloud.spec.content_hash, k=2, request_id="r"),
+            422,
+            "expected \\[B, 64, 2, 2\\]",
+        ),
+        (
+            "rank",
+            wire.encode_payload(h[0], model_hash=cloud.spec.content_hash, k=1, request_id="r"),
+            422,
+            "shape",
+        ),
         ("dtype", _raw_payload(h.double(), model_hash=cloud.spec.content_hash), 422, "float64"),
         ("batch", _payload(cloud, 1, b=MAX_BATCH + 1)[0], 422, f"1..{MAX_BATCH}"),
-        ("nan", wire.encode_payload(nan, model_hash=cloud.spec.content_hash, k=1, request_id="r"), 422, "NaN"),
-        ("inf", wire.encode_payload(inf, model_hash=cloud.spec.content_hash, k=1, request_id="r", precision="fp16"),
-         422, "Inf"),
+        (
+            "nan",
+            wire.encode_payload(nan, model_hash=cloud.spec.content_hash, k=1, request_id="r"),
+            422,
+            "NaN",
+        ),
+        (
+            "inf",
+            wire.encode_payload(
+                inf, model_hash=cloud.spec.content_hash, k=1, request_id="r", precision="fp16"
+            ),
+            422,
+            "Inf",
+        ),
         ("too-large", bytes(MAX_BODY + 1), 413, str(MAX_BODY)),
-    ]  # fmt: skip
+    ]
     return {name: rest for name, *rest in cases}
 
 
 @pytest.mark.parametrize(
-    "name", ["garbage", "truncated", "empty", "hash", "k0", "k4", "shape", "rank", "dtype", "batch", "nan", "inf",
-             "too-large"],
-)  # fmt: skip
+    "name",
+    [
+        "garbage",
+        "truncated",
+        "empty",
+        "hash",
+        "k0",
+        "k4",
+        "shape",
+        "rank",
+        "dtype",
+        "batch",
+        "nan",
+        "inf",
+        "too-large",
+    ],
+)
 def test_offload_errors(
     cloud: Cloud, http: httpx.Client, bad_payloads: dict[str, tuple[bytes, int, str]], name: str
 ) -> None:
@@ -241,7 +284,13 @@ def _raw_exchange(url: str, head: bytes, body_part: bytes) -> tuple[int, dict]:
             assert chunk, "server closed without answering"
             data += chunk
         head_bytes, rest = data.split(b"\r\n\r\n", 1)
-        length = int(next(line.split(b":")[1] for line in head_bytes.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        length = int(
+            next(
+                line.split(b":")[1]
+                for line in head_bytes.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            )
+        )
         while len(rest) < length:
             rest += s.recv(65536)
     return int(head_bytes.split()[1]), json.loads(rest[:length])
@@ -273,8 +322,9 @@ def test_413_is_sent_without_reading_the_body(cloud: Cloud, http: httpx.Client) 
         ("image/png", "TRUNCATED", 400, "cannot decode"),
     ],
 )
-def test_classify_errors(cloud: Cloud, http: httpx.Client, content_type: str | None, body: bytes | str,
-                         status: int, text: str) -> None:  # fmt: skip
+def test_classify_errors(
+    cloud: Cloud, http: httpx.Client, content_type: str | None, body: bytes | str, status: int, text: str
+) -> None:
     if body == "GIF":
         body = png(cloud.images[0], "GIF")
     elif body == "TRUNCATED":
@@ -283,7 +333,12 @@ def test_classify_errors(cloud: Cloud, http: httpx.Client, content_type: str | N
     r = http.post("/v1/classify", content=body, headers=headers)
     assert r.status_code == status, r.text
     assert text in r.json()["detail"]
-    assert http.post("/v1/classify", content=png(cloud.images[0]), headers={"Content-Type": "image/png"}).status_code == 200
+    assert (
+        http.post(
+            "/v1/classify", content=png(cloud.images[0]), headers={"Content-Type": "image/png"}
+        ).status_code
+        == 200
+    )
     _still_serves(http, cloud)
 
 
@@ -292,7 +347,12 @@ def test_token_required_but_healthz_open(cloud: Cloud) -> None:
     body, _ = _payload(cloud, 1)
     with start_server(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
         assert c.get("/healthz").status_code == 200
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": TOKEN},
+            {"Authorization": f"Basic {TOKEN}"},
+        ):
             for method, path in (("POST", "/v1/offload"), ("GET", "/v1/model"), ("GET", "/v1/probe/ping")):
                 r = c.request(method, path, content=body if method == "POST" else None, headers=headers)
                 assert r.status_code == 401, (headers, path)
@@ -306,13 +366,17 @@ def test_token_from_the_environment(cloud: Cloud, monkeypatch: pytest.MonkeyPatc
     app = create_cloud_app(Path("unused"), models=cloud.models)
     with start_server(app) as srv:
         assert httpx.get(f"{srv.url}/v1/model").status_code == 401
-        assert httpx.get(f"{srv.url}/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        assert (
+            httpx.get(f"{srv.url}/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        )
 
 
 def test_classify_without_conventional_dnn_is_503(cloud: Cloud) -> None:
     models = CloudRunner(TorchRuntime(cloud.net, cloud.spec))  # a run without a conventional DNN
     with start_server(create_cloud_app(Path("unused"), models=models)) as srv:
-        r = httpx.post(f"{srv.url}/v1/classify", content=png(cloud.images[0]), headers={"Content-Type": "image/png"})
+        r = httpx.post(
+            f"{srv.url}/v1/classify", content=png(cloud.images[0]), headers={"Content-Type": "image/png"}
+        )
         assert r.status_code == 503 and "no conventional DNN" in r.json()["detail"]
         assert httpx.get(f"{srv.url}/v1/model").json()["conventional"] is None
 
@@ -326,12 +390,35 @@ def test_missing_run_is_a_user_error(tmp_path: Path) -> None:
 
 # --- fuzz: nothing a client sends gets a 5xx ------------------------------------------------------------------
 
-PATHS = ["/v1/offload", "/v1/classify", "/healthz", "/v1/model", "/v1/probe/ping", "/v1/probe/sink",
-         "/v1/probe/source", "/openapi.json", "/docs", "/nope"]  # fmt: skip
-_header_name = st.sampled_from(["content-type", "authorization", "accept", "x-request-id", "x-anything", "range",
-                                "expect", "accept-encoding", "cookie"])  # fmt: skip
+PATHS = [
+    "/v1/offload",
+    "/v1/classify",
+    "/healthz",
+    "/v1/model",
+    "/v1/probe/ping",
+    "/v1/probe/sink",
+    "/v1/probe/source",
+    "/openapi.json",
+    "/docs",
+    "/nope",
+]
+_header_name = st.sampled_from(
+    [
+        "content-type",
+        "authorization",
+        "accept",
+        "x-request-id",
+        "x-anything",
+        "range",
+        "expect",
+        "accept-encoding",
+        "cookie",
+    ]
+)
 _header_value = st.one_of(
-    st.sampled_from(["application/octet-stream", "image/png", "image/jpeg", "text/plain", "Bearer x", "*/*", ""]),
+    st.sampled_from(
+        ["application/octet-stream", "image/png", "image/jpeg", "text/plain", "Bearer x", "*/*", ""]
+    ),
     # Printable ASCII without surrounding blanks: the only header values HTTP/1.1 (and the client) allow.
     st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40).map(str.strip),
 )
@@ -354,17 +441,39 @@ def _bodies(draw: st.DrawFn, cloud: Cloud) -> bytes:
             data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
         return bytes(data[: draw(st.integers(0, len(data)))])
     if kind == "meta":
-        meta = draw(st.dictionaries(st.sampled_from(["format", "model_hash", "k", "precision", "dtype", "shape",
-                                                     "scale", "zero_point", "request_id"]),
-                                    st.text(max_size=20), max_size=6))  # fmt: skip
-        return _raw_payload(h.to(draw(st.sampled_from([torch.float32, torch.float16, torch.int8, torch.float64]))),
-                            **{"model_hash": cloud.spec.content_hash, **meta})  # fmt: skip
+        meta = draw(
+            st.dictionaries(
+                st.sampled_from(
+                    [
+                        "format",
+                        "model_hash",
+                        "k",
+                        "precision",
+                        "dtype",
+                        "shape",
+                        "scale",
+                        "zero_point",
+                        "request_id",
+                    ]
+                ),
+                st.text(max_size=20),
+                max_size=6,
+            )
+        )
+        return _raw_payload(
+            h.to(draw(st.sampled_from([torch.float32, torch.float16, torch.int8, torch.float64]))),
+            **{"model_hash": cloud.spec.content_hash, **meta},
+        )
     if kind == "tensor":
         shape = draw(st.lists(st.integers(0, 12), min_size=0, max_size=4))
         value = draw(st.sampled_from([0.0, 1.0, float("nan"), float("inf"), -1e3]))
-        return wire.encode_payload(torch.full(shape, value), model_hash=draw(st.sampled_from([cloud.spec.content_hash, "x"])),
-                                   k=draw(st.integers(0, 5)), request_id="r",
-                                   precision=draw(st.sampled_from(["fp32", "fp16"])))  # fmt: skip
+        return wire.encode_payload(
+            torch.full(shape, value),
+            model_hash=draw(st.sampled_from([cloud.spec.content_hash, "x"])),
+            k=draw(st.integers(0, 5)),
+            request_id="r",
+            precision=draw(st.sampled_from(["fp32", "fp16"])),
+        )
     data = png(cloud.images[0], draw(st.sampled_from(["PNG", "JPEG", "BMP"])))
     return data[: draw(st.integers(0, len(data)))]
 

@@ -253,9 +253,20 @@ def test_parse_override_reads_toml_values() -> None:
 
 def test_set_and_shortcuts_go_through_one_validated_path() -> None:
     args = build_parser().parse_args(
-        ["train", "--epochs", "2", "--set", "train.lr=0.01", "--set", "experiment.alphas=[0.5]",
-         "--dataset", "digits", "--set", "train.epochs=3"]
-    )  # fmt: skip
+        [
+            "train",
+            "--epochs",
+            "2",
+            "--set",
+            "train.lr=0.01",
+            "--set",
+            "experiment.alphas=[0.5]",
+            "--dataset",
+            "digits",
+            "--set",
+            "train.epochs=3",
+        ]
+    )
     cfg = run_config(args, TRAIN_SHORTCUTS)
     assert cfg.train.lr == 0.01 and cfg.experiment.alphas == [0.5] and cfg.dataset.name == "digits"
     assert cfg.train.epochs == 3  # --set comes after the shortcuts

@@ -59,8 +59,15 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def _runner(env: Env, url: str | None, strategy: str = "ee", alpha: float = 0.5, k: int = 3, retries: int = 1,
-            timeout: float = 10.0) -> Runner:  # fmt: skip
+def _runner(
+    env: Env,
+    url: str | None,
+    strategy: str = "ee",
+    alpha: float = 0.5,
+    k: int = 3,
+    retries: int = 1,
+    timeout: float = 10.0,
+) -> Runner:
     """A runner on the loaded runtime (loading costs seconds of profiling) with its own client."""
     client = None if url is None else CloudClient(url, retries=retries, backoff=0.0, timeout=timeout)
     b = env.base
@@ -128,7 +135,12 @@ def test_conventional_falls_back_to_the_edge_exits(env: Env, dead_url: str) -> N
     a = runner.classify_image(png(x))
     probs = _exit_probs(env, x)[:3]
     best = max(range(3), key=lambda i: (float(probs[i].max()), -i)) + 1
-    assert (a.outcome, a.answered_at, a.exit, a.label) == ("offload_failed", "edge", best, int(probs[best - 1].argmax()))
+    assert (a.outcome, a.answered_at, a.exit, a.label) == (
+        "offload_failed",
+        "edge",
+        best,
+        int(probs[best - 1].argmax()),
+    )
     assert "ConnectError" in a.detail and a.bytes_sent == len(png(x))
 
 
@@ -136,7 +148,12 @@ def test_no_cloud_configured(env: Env) -> None:
     runner = load_runner(env.root, strategy="ee", alpha=2.0, k=None)
     assert runner.k == 3 and runner.client is None
     a = runner.classify_uint8(env.images[0])
-    assert (a.outcome, a.detail, a.bytes_sent, a.answered_at) == ("offload_failed", "no cloud configured", 0, "edge")
+    assert (a.outcome, a.detail, a.bytes_sent, a.answered_at) == (
+        "offload_failed",
+        "no cloud configured",
+        0,
+        "edge",
+    )
 
 
 def test_timeout_is_retried_then_falls_back(env: Env) -> None:
@@ -188,8 +205,9 @@ class Flaky:
         (5, 422, 1, "offload_failed", "HTTP 422"),
     ],
 )
-def test_retries_against_a_flaky_cloud(env: Env, failures: int, status: int, hits: int, outcome: str,
-                                       detail: str | None) -> None:  # fmt: skip
+def test_retries_against_a_flaky_cloud(
+    env: Env, failures: int, status: int, hits: int, outcome: str, detail: str | None
+) -> None:
     flaky = Flaky(failures, status)
     with start_server(flaky.app) as srv:
         for strategy in ("ee", "conventional"):
@@ -291,9 +309,17 @@ def test_edge_server_answers_like_the_runner(env: Env) -> None:
         for x in env.images[:4]:
             got = c.post("/v1/classify", content=png(x), headers={"Content-Type": "image/png"}).json()
             want = runner.classify_uint8(x)
-            assert (got["label"], got["exit"], got["macs"], got["outcome"]) == (want.label, want.exit, want.macs, "ok")
+            assert (got["label"], got["exit"], got["macs"], got["outcome"]) == (
+                want.label,
+                want.exit,
+                want.macs,
+                "ok",
+            )
         doc = c.get("/openapi.json").json()
-        assert set(doc["paths"]["/v1/classify"]["post"]["requestBody"]["content"]) == {"image/png", "image/jpeg"}
+        assert set(doc["paths"]["/v1/classify"]["post"]["requestBody"]["content"]) == {
+            "image/png",
+            "image/jpeg",
+        }
 
 
 @pytest.mark.parametrize(
@@ -308,8 +334,9 @@ def test_edge_server_answers_like_the_runner(env: Env) -> None:
         ({"Content-Type": "image/png"}, "NOAUTH", 401, "bearer token"),
     ],
 )
-def test_edge_server_hardened_input(env: Env, dead_url: str, headers: dict, body: bytes | str, status: int,
-                                    text: str) -> None:  # fmt: skip
+def test_edge_server_hardened_input(
+    env: Env, dead_url: str, headers: dict, body: bytes | str, status: int, text: str
+) -> None:
     x = env.images[0]
     data = {"PNG": png(x), "NOAUTH": png(x), "GIF": png(x, "GIF"), "TRUNCATED": png(x)[:70]}.get(body, body)  # type: ignore[call-overload]
     runner = _runner(env, dead_url, alpha=0.0)  # alpha 0: every answer at exit 1, no cloud needed
@@ -320,7 +347,11 @@ def test_edge_server_hardened_input(env: Env, dead_url: str, headers: dict, body
         assert r.status_code == status, r.text
         assert text in r.json()["detail"]
         assert c.get("/healthz").status_code == 200  # open without a token
-        ok = c.post("/v1/classify", content=png(x), headers={"Content-Type": "image/png", "Authorization": f"Bearer {TOKEN}"})
+        ok = c.post(
+            "/v1/classify",
+            content=png(x),
+            headers={"Content-Type": "image/png", "Authorization": f"Bearer {TOKEN}"},
+        )
         assert ok.status_code == 200 and ok.json()["exit"] == 1
 
 
@@ -338,8 +369,14 @@ def test_unencodable_tensor_falls_back(env: Env) -> None:
     net, spec = load_checkpoint(env.root / "ee")
     with torch.no_grad():
         net.stages[2][-1].conv[-1].bias.fill_(1e6)  # the last BatchNorm of stage 3: a huge split tensor
-    runner = EdgeRunner(TorchRuntime(net, spec, costs=env.costs), strategy="ee", alpha=2.0, k=3,
-                        client=CloudClient(env.cloud_url), precision="fp16")  # fmt: skip
+    runner = EdgeRunner(
+        TorchRuntime(net, spec, costs=env.costs),
+        strategy="ee",
+        alpha=2.0,
+        k=3,
+        client=CloudClient(env.cloud_url),
+        precision="fp16",
+    )
     a = runner.classify_uint8(env.images[0])
     assert (a.outcome, a.answered_at, a.bytes_sent) == ("offload_failed", "edge", 0)
     assert "fp16 range" in a.detail

@@ -15,9 +15,10 @@ from reference import direct_records, outcome_records, sweep_records
 from edgeexit.config import RunConfig
 from edgeexit.data import distort, load_uint8
 from edgeexit.errors import UserError
+from edgeexit.evaluate.aggregate import format_summary
 from edgeexit.evaluate.cache import cache_path, cached_probabilities
 from edgeexit.evaluate.records import RECORD_COLUMNS, read_records
-from edgeexit.evaluate.sweep import Grid, evaluate_run, format_summary, payload_table
+from edgeexit.evaluate.sweep import Grid, evaluate_run, payload_table
 from edgeexit.model import (
     CostTable,
     ModelSpec,
@@ -112,7 +113,9 @@ def models(tiny: Tiny, evaluated: tuple[pd.DataFrame, pd.DataFrame]) -> Models:
     )
 
 
-def test_cached_sweep_equals_direct_reruns(evaluated: tuple[pd.DataFrame, pd.DataFrame], models: Models) -> None:
+def test_cached_sweep_equals_direct_reruns(
+    evaluated: tuple[pd.DataFrame, pd.DataFrame], models: Models
+) -> None:
     records, _ = evaluated
     m = models
     # The comparison means something: ee at alpha 0.5, k = 3 uses every exit and the cloud at both levels.
@@ -123,10 +126,20 @@ def test_cached_sweep_equals_direct_reruns(evaluated: tuple[pd.DataFrame, pd.Dat
     # Re-running the models per configuration is slow: compare on one level, every strategy and alpha, k = 1, 3.
     grid = Grid("gaussian_blur", (1.5,), tuple(ALPHAS), (1, 3), tuple(STRATS))
     direct = direct_records(
-        m.net, m.spec, m.conv, m.cspec, m.images, m.labels, m.ids, grid=grid, costs=m.costs,
-        conv_macs=m.conv_costs.total_macs, payload_bytes=payload_table(m.costs, "fp32", m.conv_costs.input_bytes),
-        dataset="digits", batch_size=LIMIT,  # the batch size of the cached run: bit-identical outputs
-    )  # fmt: skip
+        m.net,
+        m.spec,
+        m.conv,
+        m.cspec,
+        m.images,
+        m.labels,
+        m.ids,
+        grid=grid,
+        costs=m.costs,
+        conv_macs=m.conv_costs.total_macs,
+        payload_bytes=payload_table(m.costs, "fp32", m.conv_costs.input_bytes),
+        dataset="digits",
+        batch_size=LIMIT,  # the batch size of the cached run: bit-identical outputs
+    )
     cached = records[(records.level == 1.5) & records.k.isin([1, 3])].reset_index(drop=True)
     assert len(direct) == len(STRATS) * len(ALPHAS) * 2 * LIMIT
     pd.testing.assert_frame_equal(cached, direct, check_exact=True)
@@ -144,14 +157,31 @@ def test_sweep_rows_match_outcome_records(tiny: Tiny, models: Models) -> None:
     probs = _level_probs(tiny, m, 0.0)
     meta = {"dataset": "digits", "distortion": "gaussian_blur", "level": 0.0}
     got = sweep_records(
-        probs, None, m.labels, m.ids, costs=m.costs, conv_macs=None, ee_spec=m.spec, alphas=[0.5],
-        edge_branches=[2], strategies=["entropy"], meta=meta, payload_bytes=payload_table(m.costs, "fp16", 3072),
-    )  # fmt: skip
+        probs,
+        None,
+        m.labels,
+        m.ids,
+        costs=m.costs,
+        conv_macs=None,
+        ee_spec=m.spec,
+        alphas=[0.5],
+        edge_branches=[2],
+        strategies=["entropy"],
+        meta=meta,
+        payload_bytes=payload_table(m.costs, "fp16", 3072),
+    )
     outcome = apply_policy(make_policy("entropy", threshold_for("entropy", 0.5)), probs[:2], probs[-1])
     want = outcome_records(
-        outcome, labels=m.labels, sample_ids=m.ids, costs=m.costs, k=2, strategy="entropy", alpha=0.5,
-        payload_bytes_per_offload=m.costs.split_bytes_at(2, "fp16"), **meta,
-    )  # fmt: skip
+        outcome,
+        labels=m.labels,
+        sample_ids=m.ids,
+        costs=m.costs,
+        k=2,
+        strategy="entropy",
+        alpha=0.5,
+        payload_bytes_per_offload=m.costs.split_bytes_at(2, "fp16"),
+        **meta,
+    )
     assert want.at_edge.any() and not want.at_edge.all()
     pd.testing.assert_frame_equal(got, want, check_exact=True)
 
@@ -196,8 +226,12 @@ def test_written_records_and_summary(tiny: Tiny, evaluated: tuple[pd.DataFrame, 
     keys = set(zip(summary.level, summary.strategy, summary.alpha, summary.k, strict=True))
     assert keys == {(lv, s, a, k) for lv in LEVELS for s in STRATS for a in ALPHAS for k in KS}
     assert (summary.n == LIMIT).all()
-    row = summary[(summary.strategy == "ee") & (summary.alpha == 0.5) & (summary.k == 3) & (summary.level == 0.0)]
-    sel = records[(records.strategy == "ee") & (records.alpha == 0.5) & (records.k == 3) & (records.level == 0.0)]
+    row = summary[
+        (summary.strategy == "ee") & (summary.alpha == 0.5) & (summary.k == 3) & (summary.level == 0.0)
+    ]
+    sel = records[
+        (records.strategy == "ee") & (records.alpha == 0.5) & (records.k == 3) & (records.level == 0.0)
+    ]
     assert row.accuracy.item() == pytest.approx(sel.correct.mean())
     assert row.early_exit_prob.item() == pytest.approx(sel.at_edge.mean())
     text = format_summary(summary)
@@ -211,10 +245,19 @@ def test_alpha_zero_exits_at_the_first_branch(tiny: Tiny, models: Models) -> Non
     m = models
     probs = _level_probs(tiny, m, 1.5)
     records = sweep_records(
-        probs, None, m.labels, m.ids, costs=m.costs, conv_macs=None, ee_spec=m.spec, alphas=[0.0], edge_branches=KS,
-        strategies=STRATS[:4], meta={"dataset": "digits", "distortion": "gaussian_blur", "level": 1.5},
+        probs,
+        None,
+        m.labels,
+        m.ids,
+        costs=m.costs,
+        conv_macs=None,
+        ee_spec=m.spec,
+        alphas=[0.0],
+        edge_branches=KS,
+        strategies=STRATS[:4],
+        meta={"dataset": "digits", "distortion": "gaussian_blur", "level": 1.5},
         payload_bytes=payload_table(m.costs, "fp32", 3072),
-    )  # fmt: skip
+    )
     assert len(records) == 4 * len(KS) * LIMIT
     for strategy in ("ee", "entropy"):
         rows = records[records.strategy == strategy]
@@ -273,7 +316,9 @@ def test_evaluate_run_reuses_its_cache(tiny: Tiny, evaluated: tuple[pd.DataFrame
 def test_uncalibrated_run_without_conventional(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     tiny = _make_run(tmp_path / "run", calibrated=False, conventional=False)
     with caplog.at_level(logging.WARNING):
-        records, summary = evaluate_run(tiny.root, tiny.cfg, levels=[0.0], alphas=[0.8], edge_branches=[3], limit=8)
+        records, summary = evaluate_run(
+            tiny.root, tiny.cfg, levels=[0.0], alphas=[0.8], edge_branches=[3], limit=8
+        )
     messages = [r.getMessage() for r in caplog.records]
     assert any("run not calibrated: calibrating now" in msg for msg in messages)
     assert any("skipping strategy 'conventional'" in msg for msg in messages)
@@ -287,7 +332,10 @@ def test_uncalibrated_run_without_conventional(tmp_path: Path, caplog: pytest.Lo
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"strategies": ["ee", "greedy"]}, r"unknown strategy 'greedy' in experiment.strategies\[1\]; known: conv"),
+        (
+            {"strategies": ["ee", "greedy"]},
+            r"unknown strategy 'greedy' in experiment.strategies\[1\]; known: conv",
+        ),
         ({"alphas": [1.5]}, r"experiment.alphas\[0\]: must be <= 1, got 1.5"),
         ({"alphas": [-0.1]}, r"experiment.alphas\[0\]: must be >= 0"),
         ({"alphas": [float("nan")]}, r"experiment.alphas\[0\]: must be a finite number"),

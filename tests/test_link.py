@@ -114,14 +114,20 @@ def test_linkspec_validates_numbers() -> None:
 
 @pytest.mark.parametrize(
     ("s", "expected"),
-    [("127.0.0.1:8000", ("127.0.0.1", 8000)), (":8000", ("127.0.0.1", 8000)),
-     ("localhost:0", ("localhost", 0)), ("[::1]:443", ("::1", 443))],
+    [
+        ("127.0.0.1:8000", ("127.0.0.1", 8000)),
+        (":8000", ("127.0.0.1", 8000)),
+        ("localhost:0", ("localhost", 0)),
+        ("[::1]:443", ("::1", 443)),
+    ],
 )
 def test_parse_address_accepts(s: str, expected: tuple[str, int]) -> None:
     assert parse_address(s) == expected
 
 
-@pytest.mark.parametrize("s", ["", "8000", "localhost", "host:", "host:99999", "host:http", "a b:80", "http://h:80"])
+@pytest.mark.parametrize(
+    "s", ["", "8000", "localhost", "host:", "host:99999", "host:http", "a b:80", "http://h:80"]
+)
 def test_parse_address_rejects(s: str) -> None:
     with pytest.raises(UserError, match="HOST:PORT"):
         parse_address(s)
@@ -211,7 +217,9 @@ def test_half_close_is_forwarded_after_the_data() -> None:
     thread = threading.Thread(target=echo_after_eof, daemon=True)
     thread.start()
     payload = bytes(range(256)) * 2000  # 512 kB: several chunks, several ms of link time
-    with run_link_in_thread("127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}", LinkSpec(4.0, 500.0)) as link:
+    with run_link_in_thread(
+        "127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}", LinkSpec(4.0, 500.0)
+    ) as link:
         with socket.create_connection(("127.0.0.1", link.port), timeout=10) as s:
             s.sendall(payload)
             s.shutdown(socket.SHUT_WR)

@@ -158,8 +158,10 @@ def test_sigterm_during_the_online_run_stops_the_cloud_server(quick_run: Path) -
         p.unlink()
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgeexit", "reproduce", "--quick", "--out", str(quick_run)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         while not _servers_of(quick_run) and time.monotonic() < deadline and proc.poll() is None:

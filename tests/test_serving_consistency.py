@@ -49,8 +49,16 @@ def _offline(root: Path, cfg: RunConfig, batch_size: int, where: Path) -> pd.Dat
     shutil.copytree(root, where, ignore=shutil.ignore_patterns("cache"))
     cfg = copy.deepcopy(cfg)
     cfg.experiment.batch_size = batch_size
-    records, _ = evaluate_run(where, cfg, distortion="gaussian_blur", levels=LEVELS, alphas=[ALPHA],
-                              edge_branches=KS, strategies=STRATEGIES, limit=N)  # fmt: skip
+    records, _ = evaluate_run(
+        where,
+        cfg,
+        distortion="gaussian_blur",
+        levels=LEVELS,
+        alphas=[ALPHA],
+        edge_branches=KS,
+        strategies=STRATEGIES,
+        limit=N,
+    )
     return records
 
 
@@ -77,7 +85,9 @@ def online(run: tuple[Path, RunConfig]) -> Iterator[dict[tuple[float, str, int],
         with base:
             for level in LEVELS:
                 images = distort(clean, "gaussian_blur", level, seeds=[int(i) for i in ids])
-                pngs = [png_bytes(x) for x in images]  # the camera images, as the online experiment makes them
+                pngs = [
+                    png_bytes(x) for x in images
+                ]  # the camera images, as the online experiment makes them
                 for strategy in STRATEGIES:
                     for k in KS:
                         runner = base.variant(strategy=strategy, alpha=ALPHA, k=k)
@@ -85,8 +95,10 @@ def online(run: tuple[Path, RunConfig]) -> Iterator[dict[tuple[float, str, int],
         yield answers
 
 
-@pytest.mark.parametrize(("strategy", "batch_size", "atol"), [(s, 1, 1e-5) for s in STRATEGIES] + [
-    (s, 16, 1e-4) for s in STRATEGIES])  # fmt: skip
+@pytest.mark.parametrize(
+    ("strategy", "batch_size", "atol"),
+    [(s, 1, 1e-5) for s in STRATEGIES] + [(s, 16, 1e-4) for s in STRATEGIES],
+)
 def test_online_answers_equal_offline_records(
     offline: dict[int, pd.DataFrame],
     online: dict[tuple[float, str, int], list[EdgeAnswer]],
@@ -107,7 +119,9 @@ def test_online_answers_equal_offline_records(
             assert [a.answered_at == "edge" for a in got] == rows.at_edge.tolist(), where
             assert [a.label for a in got] == rows.prediction.tolist(), where
             assert [a.macs for a in got] == rows.macs.tolist(), where
-            np.testing.assert_allclose([a.confidence for a in got], rows.confidence.to_numpy(), rtol=0, atol=atol)
+            np.testing.assert_allclose(
+                [a.confidence for a in got], rows.confidence.to_numpy(), rtol=0, atol=atol
+            )
 
 
 def test_the_comparison_covers_edge_and_cloud_answers(offline: dict[int, pd.DataFrame]) -> None:

@@ -297,10 +297,25 @@ def test_ddp_two_cpu_processes_through_the_cli(tmp_path: Path) -> None:
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "edgeexit", "train", "--out", str(run), "--model", "ee", "--dataset", "digits",
-        "--input-size", "32", "--epochs", "1",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "edgeexit",
+        "train",
+        "--out",
+        str(run),
+        "--model",
+        "ee",
+        "--dataset",
+        "digits",
+        "--input-size",
+        "32",
+        "--epochs",
+        "1",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     net, spec = load_checkpoint(run / "ee")

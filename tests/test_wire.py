@@ -36,8 +36,15 @@ def _int8_scale(t: torch.Tensor) -> float:
 
 
 def _raw(tensors: dict[str, torch.Tensor], **meta: str) -> bytes:
-    base = {"format": FORMAT, "model_hash": "h", "k": "1", "request_id": "r", "precision": "fp32",
-            "dtype": "float32", "shape": "[2, 3]"}
+    base = {
+        "format": FORMAT,
+        "model_hash": "h",
+        "k": "1",
+        "request_id": "r",
+        "precision": "fp32",
+        "dtype": "float32",
+        "shape": "[2, 3]",
+    }
     base.update(meta)
     return safetensors.torch.save(tensors, metadata={k: v for k, v in base.items() if v is not None})
 
@@ -88,8 +95,11 @@ def test_int8_keeps_zeros_exact_and_constant_tensors() -> None:
     zeros = torch.zeros(1, 4, 2, 2)
     assert torch.equal(decode_payload(encode_payload(zeros, precision="int8", **META)).tensor, zeros)
     const = torch.full((3, 3), -2.5)
-    assert torch.allclose(decode_payload(encode_payload(const, precision="int8", **META)).tensor, const,
-                          atol=_int8_scale(const) / 2 + 1e-6)
+    assert torch.allclose(
+        decode_payload(encode_payload(const, precision="int8", **META)).tensor,
+        const,
+        atol=_int8_scale(const) / 2 + 1e-6,
+    )
 
 
 def test_lower_precisions_shrink_the_body() -> None:
@@ -164,9 +174,19 @@ def _valid_int8() -> bytes:
         (_raw({"tensor": torch.ones(2, 3)}, shape="[3, 2]"), "metadata says"),
         (_raw({"tensor": torch.ones(2, 3).half()}), "precision fp32 expects"),
         (_raw({"tensor": torch.ones(2, 3, dtype=torch.int8)}, precision="int8"), "lacks scale"),
-        (_raw({"tensor": torch.ones(2, 3, dtype=torch.int8)}, precision="int8", scale="0", zero_point="0"), "scale"),
-        (_raw({"tensor": torch.ones(2, 3, dtype=torch.int8)}, precision="int8", scale="0.1", zero_point="300"),
-         "zero_point"),
+        (
+            _raw({"tensor": torch.ones(2, 3, dtype=torch.int8)}, precision="int8", scale="0", zero_point="0"),
+            "scale",
+        ),
+        (
+            _raw(
+                {"tensor": torch.ones(2, 3, dtype=torch.int8)},
+                precision="int8",
+                scale="0.1",
+                zero_point="300",
+            ),
+            "zero_point",
+        ),
         (_valid_int8()[:-1], "not a valid safetensors body"),
     ],
 )
@@ -198,7 +218,9 @@ def test_random_bytes_only_raise_payload_error(body: bytes) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(data=st.data(), precision=st.sampled_from(PRECISIONS))
-def test_truncated_or_corrupted_payloads_only_raise_payload_error(data: st.DataObject, precision: str) -> None:
+def test_truncated_or_corrupted_payloads_only_raise_payload_error(
+    data: st.DataObject, precision: str
+) -> None:
     body = bytearray(encode_payload(_tensor(6, (1, 2, 3, 3)), precision=precision, **META))
     for _ in range(data.draw(st.integers(0, 3), label="corruptions")):
         i = data.draw(st.integers(0, len(body) - 1), label="index")

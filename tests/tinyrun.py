@@ -26,8 +26,14 @@ def build_tiny_run(root: Path, *, conventional: bool = True) -> RunConfig:
     run.save_config(cfg)
     ds, split, prep = prepare_data(cfg, run)
     x = prep.normalize(load_uint8(ds, split.train[:48], prep))
-    common = dict(num_classes=10, class_names=ds.class_names, input_size=32, mean=prep.mean, std=prep.std,
-                  dataset="digits")  # fmt: skip
+    common = dict(
+        num_classes=10,
+        class_names=ds.class_names,
+        input_size=32,
+        mean=prep.mean,
+        std=prep.std,
+        dataset="digits",
+    )
     torch.manual_seed(0)
     net, spec = new_model("mobilenet_v2", branches=3, **common)
     settle_batchnorm(net, x)

@@ -1,9 +1,9 @@
 """One root for every error edgeexit raises on purpose; the CLI prints any of them as one line, exit code 2.
 
-    EdgeExitError
-    ├── UserError        bad input from the user (unknown name, bad path, malformed value)
-    ├── PayloadError     an offload body that is not a valid payload (serving.wire)
-    └── OffloadFailed    the cloud gave no usable answer (serving.client)
+EdgeExitError
+├── UserError        bad input from the user (unknown name, bad path, malformed value)
+├── PayloadError     an offload body that is not a valid payload (serving.wire)
+└── OffloadFailed    the cloud gave no usable answer (serving.client)
 """
 
 __all__ = ["EdgeExitError", "UserError"]

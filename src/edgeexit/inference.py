@@ -40,7 +40,9 @@ def calibrated_probs(
     if temperatures is None:
         return [calibrate(z, None) for z in logits]
     if len(temperatures) != len(logits):
-        raise UserError(f"got {len(logits)} logits tensors but {len(temperatures)} temperatures; need one per exit")
+        raise UserError(
+            f"got {len(logits)} logits tensors but {len(temperatures)} temperatures; need one per exit"
+        )
     if any(not math.isfinite(float(t)) or float(t) <= 0 for t in temperatures):
         raise UserError(f"temperatures must be finite and > 0, got {list(temperatures)}")
     return [calibrate(z, t) for z, t in zip(logits, temperatures, strict=True)]

@@ -223,7 +223,8 @@ def make_policy(name: str, threshold: float, ensemble_weights: Sequence[float] |
     """The policy registered as `name` with its threshold; only 'ensemble' uses `ensemble_weights`."""
     if name == CONVENTIONAL:
         raise UserError(
-            "'conventional' is the cloud-only DNN, not an edge policy; known policies: " + ", ".join(POLICIES.names())
+            "'conventional' is the cloud-only DNN, not an edge policy; known policies: "
+            + ", ".join(POLICIES.names())
         )
     factory = POLICIES.get(name)
     if name == "ensemble":

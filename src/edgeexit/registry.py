@@ -33,7 +33,9 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise UserError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))}") from None
+            raise UserError(
+                f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))}"
+            ) from None
 
     def names(self) -> list[str]:
         """The registered names, sorted."""

@@ -1,14 +1,14 @@
 """The run directory: one place per run for its config, split, checkpoints, caches, records and report.
 
-    RUN_DIR/config.json        the RunConfig the run was started with
-    RUN_DIR/split.json         the persisted train/val/test split (shared by every model of the run)
-    RUN_DIR/ee/                the EE-DNN checkpoint (weights.safetensors + spec.json) and its training state
-    RUN_DIR/conventional/      the conventional DNN checkpoint
-    RUN_DIR/calibration/       reliability diagrams and calibration.json
-    RUN_DIR/cache/             cached calibrated probabilities of every exit, per distortion level
-    RUN_DIR/records.parquet    offline per-sample records; summary.csv the aggregates
-    RUN_DIR/online/            online (served) records
-    RUN_DIR/figures/, report.md, report.html
+RUN_DIR/config.json        the RunConfig the run was started with
+RUN_DIR/split.json         the persisted train/val/test split (shared by every model of the run)
+RUN_DIR/ee/                the EE-DNN checkpoint (weights.safetensors + spec.json) and its training state
+RUN_DIR/conventional/      the conventional DNN checkpoint
+RUN_DIR/calibration/       reliability diagrams and calibration.json
+RUN_DIR/cache/             cached calibrated probabilities of every exit, per distortion level
+RUN_DIR/records.parquet    offline per-sample records; summary.csv the aggregates
+RUN_DIR/online/            online (served) records
+RUN_DIR/figures/, report.md, report.html
 """
 
 from __future__ import annotations
@@ -89,11 +89,15 @@ class RunDir:
     def load_config(self) -> RunConfig:
         """The config recorded in the run directory."""
         if not self.config.is_file():
-            raise UserError(f"{self.root} is not a run directory: no config.json (run `edgeexit train` first)")
+            raise UserError(
+                f"{self.root} is not a run directory: no config.json (run `edgeexit train` first)"
+            )
         return RunConfig.from_dict(json.loads(self.config.read_text()))
 
 
-def prepare_data(cfg: RunConfig, run: RunDir, *, save: bool = True) -> tuple[ImageDataset, Split, Preprocessing]:
+def prepare_data(
+    cfg: RunConfig, run: RunDir, *, save: bool = True
+) -> tuple[ImageDataset, Split, Preprocessing]:
     """The dataset, the run's persisted split (made from the split seed and saved if absent) and preprocessing."""
     ds = load_dataset(cfg.dataset.name, cfg.dataset.root)
     if run.split.is_file():

@@ -95,7 +95,9 @@ class TorchRuntime(Runtime):
         conventional_spec: ModelSpec | None = None,
     ) -> None:
         if spec.temperatures is not None and len(spec.temperatures) != spec.num_exits:
-            raise UserError(f"model spec has {len(spec.temperatures)} temperatures for {spec.num_exits} exits")
+            raise UserError(
+                f"model spec has {len(spec.temperatures)} temperatures for {spec.num_exits} exits"
+            )
         if conventional_net is not None and conventional_spec is None:
             raise ValueError("a conventional network needs its spec")
         net.eval()
@@ -144,7 +146,9 @@ class TorchRuntime(Runtime):
     def conventional(self, x: torch.Tensor) -> torch.Tensor:
         """The conventional network's only exit."""
         if self.conventional_net is None:
-            raise UserError("this runtime has no conventional DNN (RUN_DIR/conventional was absent or not loaded)")
+            raise UserError(
+                "this runtime has no conventional DNN (RUN_DIR/conventional was absent or not loaded)"
+            )
         return self.conventional_net(x)[-1]
 
 

@@ -141,7 +141,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     run = RunDir(Path(args.run_dir))
     cfg = apply_overrides(run.load_config(), args, EVALUATE_SHORTCUTS)
 
-    from edgeexit.evaluate.sweep import evaluate_run, format_summary
+    from edgeexit.evaluate.aggregate import format_summary
+    from edgeexit.evaluate.sweep import evaluate_run
 
     _, summary = evaluate_run(run.root, cfg, limit=args.limit)
     print(format_summary(summary))

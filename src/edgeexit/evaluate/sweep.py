@@ -49,7 +49,7 @@ from edgeexit.evaluate.records import (
 from edgeexit.model.checkpoint import SPEC, load_checkpoint, load_spec
 from edgeexit.model.costs import PRECISION_BYTES, CostTable, cost_table
 from edgeexit.model.spec import ModelSpec
-from edgeexit.policy import CLOUD, CONVENTIONAL, STRATEGIES, Outcome, apply_policy, policy_for
+from edgeexit.policy import CLOUD, CONVENTIONAL, Outcome, apply_policy, policy_for
 from edgeexit.rundir import RunDir, prepare_data
 
 __all__ = [
@@ -58,7 +58,6 @@ __all__ = [
     "grid_of",
     "conventional_columns",
     "evaluate_run",
-    "format_summary",
     "payload_table",
     "policy_columns",
 ]
@@ -87,10 +86,17 @@ def grid_of(cfg: RunConfig, num_branches: int) -> Grid:
     exp = cfg.experiment
     for k in exp.edge_branches:
         if not 1 <= k <= num_branches:
-            raise UserError(f"edge branches k must be an integer in 1..{num_branches} (this model's branches), got {k}")
+            raise UserError(
+                f"edge branches k must be an integer in 1..{num_branches} (this model's branches), got {k}"
+            )
     levels = _unique(check_level(exp.distortion, v) for v in exp.levels)  # as floats
-    return Grid(exp.distortion, levels, _unique(float(a) for a in exp.alphas), _unique(exp.edge_branches),
-                _unique(exp.strategies))  # fmt: skip
+    return Grid(
+        exp.distortion,
+        levels,
+        _unique(float(a) for a in exp.alphas),
+        _unique(exp.edge_branches),
+        _unique(exp.strategies),
+    )
 
 
 def payload_table(costs: CostTable, precision: str, conventional_input_bytes: int) -> list[int]:
@@ -109,7 +115,17 @@ class RecordColumns:
     constants (strategy, alpha, k, level, ...) are repeated with numpy.
     """
 
-    _PER_SAMPLE = ("sample_id", "label", "prediction", "confidence", "exit", "at_edge", "correct", "macs", "payload_bytes")
+    _PER_SAMPLE = (
+        "sample_id",
+        "label",
+        "prediction",
+        "confidence",
+        "exit",
+        "at_edge",
+        "correct",
+        "macs",
+        "payload_bytes",
+    )
     _PER_CONFIG = ("dataset", "distortion", "level", "strategy", "alpha", "k")
 
     def __init__(self) -> None:
@@ -117,8 +133,16 @@ class RecordColumns:
         self.config: dict[str, list[Any]] = {c: [] for c in self._PER_CONFIG}
         self.sizes: list[int] = []
 
-    def add(self, outcome: Outcome, *, ids: np.ndarray, labels: np.ndarray, macs: np.ndarray, payload: int,
-            **config: Any) -> None:
+    def add(
+        self,
+        outcome: Outcome,
+        *,
+        ids: np.ndarray,
+        labels: np.ndarray,
+        macs: np.ndarray,
+        payload: int,
+        **config: Any,
+    ) -> None:
         """One configuration's outcome: per-sample columns plus its constants (dataset, level, strategy...)."""
         exits = outcome.exit.numpy()
         pred = outcome.label.numpy()
@@ -188,15 +212,26 @@ def policy_columns(
     """
     n = sample_ids.shape[0]
     if labels.shape[0] != n or any(p.shape[0] != n for p in ee_probs):
-        raise ValueError(f"labels ({labels.shape[0]}), sample ids ({n}) and probabilities need one row per sample")
+        raise ValueError(
+            f"labels ({labels.shape[0]}), sample ids ({n}) and probabilities need one row per sample"
+        )
     out = RecordColumns()
     for alpha in alphas:
         policy = policy_for(strategy, alpha, ee_spec.ensemble_weights)
         for k in edge_branches:
             outcome = apply_policy(policy, ee_probs[:k], ee_probs[-1])
             macs = costs.executed_macs(outcome.exit.numpy(), outcome.heads.numpy(), k)
-            out.add(outcome, ids=sample_ids, labels=labels, macs=macs, payload=payload_bytes[k],
-                    strategy=strategy, alpha=float(alpha), k=int(k), **where)  # fmt: skip
+            out.add(
+                outcome,
+                ids=sample_ids,
+                labels=labels,
+                macs=macs,
+                payload=payload_bytes[k],
+                strategy=strategy,
+                alpha=float(alpha),
+                k=int(k),
+                **where,
+            )
     return out
 
 
@@ -227,12 +262,23 @@ def conventional_columns(
     out = RecordColumns()
     for alpha in alphas:
         for k in edge_branches:
-            out.add(outcome, ids=sample_ids, labels=labels, macs=macs, payload=payload_bytes,
-                    strategy=CONVENTIONAL, alpha=float(alpha), k=int(k), **where)  # fmt: skip
+            out.add(
+                outcome,
+                ids=sample_ids,
+                labels=labels,
+                macs=macs,
+                payload=payload_bytes,
+                strategy=CONVENTIONAL,
+                alpha=float(alpha),
+                k=int(k),
+                **where,
+            )
     return out
 
 
-def _load_models(run: RunDir, cfg: RunConfig) -> tuple[nn.Module, ModelSpec, nn.Module | None, ModelSpec | None]:
+def _load_models(
+    run: RunDir, cfg: RunConfig
+) -> tuple[nn.Module, ModelSpec, nn.Module | None, ModelSpec | None]:
     """The EE-DNN and (when the run has one) the conventional DNN, calibrating the run first if needed."""
     has_conv = (run.conventional / SPEC).is_file()
     net, spec = load_checkpoint(run.ee)
@@ -271,22 +317,34 @@ def evaluate_run(
         cfg = run.load_config()
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise UserError(f"limit must be a positive number of test samples, got {limit!r}")
-    given = {"distortion": distortion, "levels": levels, "alphas": alphas, "edge_branches": edge_branches,
-             "strategies": strategies}  # fmt: skip
+    given = {
+        "distortion": distortion,
+        "levels": levels,
+        "alphas": alphas,
+        "edge_branches": edge_branches,
+        "strategies": strategies,
+    }
     # Arguments override the [experiment] table and are validated with it, as a config file would be.
-    cfg = cfg.updated((f"experiment.{key}", v if key == "distortion" else list(v)) for key, v in given.items()
-                      if v is not None)  # fmt: skip
+    cfg = cfg.updated(
+        (f"experiment.{key}", v if key == "distortion" else list(v))
+        for key, v in given.items()
+        if v is not None
+    )
     exp = cfg.experiment
     grid = grid_of(cfg, load_spec(run.ee).num_branches)  # against the spec alone (cheap), before any model
     net, spec, conv_net, conv_spec = _load_models(run, cfg)
     if "ensemble" in grid.strategies and not spec.ensemble_weights:
-        raise UserError(f"strategy 'ensemble' needs ensemble weights in {run.ee}/{SPEC}: run `edgeexit calibrate`")
+        raise UserError(
+            f"strategy 'ensemble' needs ensemble weights in {run.ee}/{SPEC}: run `edgeexit calibrate`"
+        )
     strategies_used = grid.strategies
     if CONVENTIONAL in strategies_used and conv_net is None:
         log.warning("no conventional DNN in %s: skipping strategy 'conventional'", run.conventional)
         strategies_used = tuple(s for s in strategies_used if s != CONVENTIONAL)
         if not strategies_used:
-            raise UserError(f"only strategy 'conventional' asked for, but {run.conventional} has no checkpoint")
+            raise UserError(
+                f"only strategy 'conventional' asked for, but {run.conventional} has no checkpoint"
+            )
     use_conv = CONVENTIONAL in strategies_used
     policies = [s for s in strategies_used if s != CONVENTIONAL]
     ds, split, _ = prepare_data(cfg, run)
@@ -320,54 +378,46 @@ def evaluate_run(
         x = distort(images, grid.distortion, level, seeds=seeds)
         ee_probs = cached_probabilities(run, "ee", net, spec, x, key, exp.batch_size)
         blocks = {
-            s: policy_columns(ee_probs, labels, ids, costs=costs, ee_spec=spec, strategy=s, alphas=grid.alphas,
-                              edge_branches=grid.edge_branches, where=where, payload_bytes=payload)
+            s: policy_columns(
+                ee_probs,
+                labels,
+                ids,
+                costs=costs,
+                ee_spec=spec,
+                strategy=s,
+                alphas=grid.alphas,
+                edge_branches=grid.edge_branches,
+                where=where,
+                payload_bytes=payload,
+            )
             for s in policies
-        }  # fmt: skip
+        }
         if use_conv:
             cx = x if conv_images is images else distort(conv_images, grid.distortion, level, seeds=seeds)
-            conv_probs = cached_probabilities(run, "conventional", conv_net, conv_spec, cx, key, exp.batch_size)
+            conv_probs = cached_probabilities(
+                run, "conventional", conv_net, conv_spec, cx, key, exp.batch_size
+            )
             blocks[CONVENTIONAL] = conventional_columns(
-                conv_probs[-1], labels, ids, conv_macs=conv_macs, alphas=grid.alphas,
-                edge_branches=grid.edge_branches, where=where, payload_bytes=payload[0],
-            )  # fmt: skip
+                conv_probs[-1],
+                labels,
+                ids,
+                conv_macs=conv_macs,
+                alphas=grid.alphas,
+                edge_branches=grid.edge_branches,
+                where=where,
+                payload_bytes=payload[0],
+            )
         for s in strategies_used:  # rows in the grid's order of strategies
             columns.extend(blocks[s])
     records = columns.frame()  # one DataFrame for the whole grid
     summary = summarize(records)
     write_records(records, run.records)
     atomic_write_bytes(run.summary, summary.to_csv(index=False).encode())
-    log.info("wrote %d records to %s and %d summary rows to %s", len(records), run.records, len(summary), run.summary)
+    log.info(
+        "wrote %d records to %s and %d summary rows to %s",
+        len(records),
+        run.records,
+        len(summary),
+        run.summary,
+    )
     return records, summary
-
-
-def format_summary(summary: pd.DataFrame) -> str:
-    """A compact text table: strategy, alpha, k, level, accuracy [95% CI], early-exit probability, mean MMACs."""
-    if summary.empty:
-        return "(no results)"
-    order = {s: i for i, s in enumerate(STRATEGIES)}
-    df = summary.assign(_s=summary["strategy"].map(lambda s: order.get(s, len(order))))
-    df = df.sort_values(["distortion", "_s", "strategy", "alpha", "k", "level"], kind="stable")
-    header = ("strategy", "alpha", "k", "level", "accuracy [95% CI]", "early exit", "MMACs")
-    rows = [
-        (
-            str(r.strategy),
-            f"{r.alpha:.2f}",
-            str(r.k),
-            f"{r.level:g}",
-            f"{r.accuracy:.3f} [{r.accuracy_lo:.3f}, {r.accuracy_hi:.3f}]",
-            f"{r.early_exit_prob:.3f}",
-            f"{r.mean_macs / 1e6:.2f}",
-        )
-        for r in df.itertuples(index=False)
-    ]
-    widths = [max(len(h), *(len(row[j]) for row in rows)) for j, h in enumerate(header)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths, strict=True)))
-
-    distortions = ", ".join(sorted(df["distortion"].astype(str).unique()))
-    datasets = ", ".join(sorted(df["dataset"].astype(str).unique())) if "dataset" in df else ""
-    ns = sorted(df["n"].unique()) if "n" in df else []
-    title = f"{datasets} / {distortions}" + (f"  (n = {ns[0]} images per row)" if len(ns) == 1 else "")
-    return "\n".join([title, line(header), *(line(r) for r in rows)])

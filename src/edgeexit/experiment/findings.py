@@ -131,12 +131,27 @@ def check_findings(
     )
 
     # 5. EE approaches cut FLOPs strongly versus the cloud-only conventional DNN; 6. ... and inference time
-    out.append(_cheaper(offline, "mean_macs", alphas, k, "EE-DNN and ensemble need fewer FLOPs than the conventional DNN",
-                        lambda m, c: f"{m / c:.2f}× the conventional MACs"))  # fmt: skip
+    out.append(
+        _cheaper(
+            offline,
+            "mean_macs",
+            alphas,
+            k,
+            "EE-DNN and ensemble need fewer FLOPs than the conventional DNN",
+            lambda m, c: f"{m / c:.2f}× the conventional MACs",
+        )
+    )
     has_time = online is not None and len(online) and "mean_time_ms" in online
-    out.append(_cheaper(online if has_time else None, "mean_time_ms", alphas, k,
-                        "EE-DNN and ensemble answer faster than the cloud-only conventional DNN",
-                        lambda t, c: f"{t:.2f} ms vs {c:.2f} ms"))  # fmt: skip
+    out.append(
+        _cheaper(
+            online if has_time else None,
+            "mean_time_ms",
+            alphas,
+            k,
+            "EE-DNN and ensemble answer faster than the cloud-only conventional DNN",
+            lambda t, c: f"{t:.2f} ms vs {c:.2f} ms",
+        )
+    )
 
     # 7. FLOPs of EE approaches rise (slightly) with blur
     parts, ok = [], True

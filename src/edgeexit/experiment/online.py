@@ -88,8 +88,9 @@ def run_online(
     labels = ds.labels[ids]
 
     client = CloudClient(cloud_url, token=token)
-    base = load_runner(run.root, strategy="ee", alpha=alphas[0], k=k, client=client, precision=exp.precision,
-                       runtime=runtime)  # fmt: skip
+    base = load_runner(
+        run.root, strategy="ee", alpha=alphas[0], k=k, client=client, precision=exp.precision, runtime=runtime
+    )
     configs: list[tuple[str, float, Runner]] = []
     for strategy in strategies:
         # The conventional DNN has no threshold: one configuration, alpha NaN and k 0 in its records.
@@ -137,4 +138,3 @@ def run_online(
     finally:
         client.close()
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(RECORD_COLUMNS))
-

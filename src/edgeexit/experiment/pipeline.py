@@ -117,7 +117,9 @@ def reproduce(
     )
     # calibration rewrites the checkpoints (their hashes change), so its key is the trained weights' identity
     trained = _key(
-        stages.state["train_ee"]["key"], stages.state["train_conventional"]["key"], cfg.calibration.model_dump()
+        stages.state["train_ee"]["key"],
+        stages.state["train_conventional"]["key"],
+        cfg.calibration.model_dump(),
     )
     stages.run("calibrate", trained, lambda: calibrate_run(run.root, cfg))
     models = (_model_hash(run, "ee"), _model_hash(run, "conventional"))

@@ -123,7 +123,9 @@ def load_backbone(name: str, num_classes: int, weights: str | None = None) -> Ba
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as exc:  # shape mismatches
-            raise UserError(f"weights {source} do not fit {name}: {str(exc).splitlines()[1].strip()}") from None
+            raise UserError(
+                f"weights {source} do not fit {name}: {str(exc).splitlines()[1].strip()}"
+            ) from None
         missing = [k for k in missing if not k.startswith(adapter.classifier_path + ".")]
         if missing or unexpected:
             raise UserError(

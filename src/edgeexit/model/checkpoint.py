@@ -68,7 +68,9 @@ def load_checkpoint(directory: Path) -> tuple[EarlyExitNet, ModelSpec]:
         raise UserError(f"checkpoint {directory} has {SPEC} but no {WEIGHTS}")
     weights = path.read_bytes()
     if spec.content_hash and content_hash(weights, spec) != spec.content_hash:
-        raise UserError(f"checkpoint {directory} is corrupt or was modified: content hash does not match {SPEC}")
+        raise UserError(
+            f"checkpoint {directory} is corrupt or was modified: content hash does not match {SPEC}"
+        )
     try:
         state = load_safetensors(weights)
     except (SafetensorError, ValueError) as exc:

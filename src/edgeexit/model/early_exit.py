@@ -31,7 +31,9 @@ class EarlyExitNet(nn.Module):
     def __init__(self, stages: Sequence[nn.Module], exits: Sequence[nn.Module], head: nn.Module) -> None:
         super().__init__()
         if len(stages) != len(exits) + 1:
-            raise ValueError(f"need one more stage than exits, got {len(stages)} stages and {len(exits)} exits")
+            raise ValueError(
+                f"need one more stage than exits, got {len(stages)} stages and {len(exits)} exits"
+            )
         self.stages = nn.ModuleList(stages)
         self.exits = nn.ModuleList(exits)
         self.head = head

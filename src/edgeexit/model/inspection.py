@@ -32,12 +32,15 @@ def inspect_model(net: EarlyExitNet, spec: ModelSpec) -> dict[str, Any]:
             }
         )
     exits = [
-        {"exit": i, "after_block": b, "cumulative_macs": costs.macs_to_exit(i), "fraction": costs.macs_to_exit(i) / total}
+        {
+            "exit": i,
+            "after_block": b,
+            "cumulative_macs": costs.macs_to_exit(i),
+            "fraction": costs.macs_to_exit(i) / total,
+        }
         for i, b in enumerate(spec.branch_blocks, start=1)
     ]
-    exits.append(
-        {"exit": "final", "after_block": len(blocks) - 1, "cumulative_macs": total, "fraction": 1.0}
-    )
+    exits.append({"exit": "final", "after_block": len(blocks) - 1, "cumulative_macs": total, "fraction": 1.0})
     splits = [
         {
             "k": k,
@@ -80,11 +83,15 @@ def format_inspection(info: dict[str, Any]) -> str:
     for r in info["blocks"]:
         shape = "x".join(map(str, r["output_shape"]))
         exit_mark = f"-> exit {r['exit']}" if r["exit"] else ""
-        out.append(f"{r['block']:>5}  {shape:<16} {_m(r['macs']):>10} {r['cumulative_fraction']:>10.1%}  {exit_mark}")
+        out.append(
+            f"{r['block']:>5}  {shape:<16} {_m(r['macs']):>10} {r['cumulative_fraction']:>10.1%}  {exit_mark}"
+        )
     out += ["", "Exits (cumulative MACs to reach them: stages plus the exit heads evaluated on the way)"]
     out.append(f"{'exit':>5}  {'after block':>11} {'MMACs':>10} {'of total':>9}")
     for e in info["exits"]:
-        out.append(f"{e['exit']!s:>5}  {e['after_block']:>11} {_m(e['cumulative_macs']):>10} {e['fraction']:>9.1%}")
+        out.append(
+            f"{e['exit']!s:>5}  {e['after_block']:>11} {_m(e['cumulative_macs']):>10} {e['fraction']:>9.1%}"
+        )
     out += [
         "",
         f"Split points (bytes of the intermediate tensor per image; the input image is "
@@ -93,5 +100,7 @@ def format_inspection(info: dict[str, Any]) -> str:
     ]
     for s in info["splits"]:
         shape = "x".join(map(str, s["shape"]))
-        out.append(f"{s['k']:>3}  {shape:<14} {s['bytes_fp32']:>10,} {s['bytes_fp16']:>10,} {s['bytes_int8']:>10,}")
+        out.append(
+            f"{s['k']:>3}  {shape:<14} {s['bytes_fp32']:>10,} {s['bytes_fp16']:>10,} {s['bytes_int8']:>10,}"
+        )
     return "\n".join(out)

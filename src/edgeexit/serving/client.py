@@ -97,7 +97,9 @@ class CloudClient:
         try:
             self._http = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(timeout), headers=headers)
         except (httpx.InvalidURL, TypeError, ValueError) as exc:
-            raise UserError(f"cloud URL {base_url!r} is not valid ({exc}); expected http://host:port") from None
+            raise UserError(
+                f"cloud URL {base_url!r} is not valid ({exc}); expected http://host:port"
+            ) from None
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One request with retries; a 2xx response, or OffloadFailed."""
@@ -137,7 +139,9 @@ class CloudClient:
 
     def classify(self, image: bytes, content_type: str) -> CloudAnswer:
         """POST image bytes (image/png or image/jpeg) to /v1/classify: the conventional DNN's answer."""
-        return _answer(self._request("POST", "/v1/classify", content=image, headers={"Content-Type": content_type}))
+        return _answer(
+            self._request("POST", "/v1/classify", content=image, headers={"Content-Type": content_type})
+        )
 
     def model_info(self) -> dict:
         """GET /v1/model: the cloud's specs, hashes, accepted k and tensor shapes."""
@@ -145,7 +149,9 @@ class CloudClient:
         try:
             return r.json()
         except ValueError:
-            raise OffloadFailed(f"cloud /v1/model answered non-JSON: {r.text[:80]!r}", r.status_code) from None
+            raise OffloadFailed(
+                f"cloud /v1/model answered non-JSON: {r.text[:80]!r}", r.status_code
+            ) from None
 
     def close(self) -> None:
         """Close the connection pool."""

@@ -39,12 +39,11 @@ from edgeexit.rundir import RunDir
 from edgeexit.serving import wire
 from edgeexit.serving.cloud_runner import CloudRunner
 from edgeexit.serving.http import (
-    bearer_auth,
     binary_body,
     check_content_type,
     error,
     error_responses,
-    install_error_handlers,
+    new_app,
     read_body,
     resolve_token,
 )
@@ -116,18 +115,7 @@ def create_cloud_app(
         raise UserError(f"max_batch must be a positive integer, got {max_batch!r}")
     m = models if models is not None else CloudRunner.load(Path(run_dir), runtime)
     token = resolve_token(token)
-    app = fastapi.FastAPI(
-        title="edgeexit cloud server",
-        version="1",
-        description=__doc__,
-    )
-    install_error_handlers(app)
-    api = fastapi.APIRouter(dependencies=[fastapi.Depends(bearer_auth(token))])
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        """Liveness: always open, even with a token configured."""
-        return {"status": "ok"}
+    app, api = new_app("edgeexit cloud server", __doc__, token)
 
     @api.get("/v1/model", responses=error_responses(401))
     async def model() -> dict[str, Any]:
@@ -175,7 +163,9 @@ def create_cloud_app(
     async def classify(request: Request) -> Answer:
         """Classify a PNG or JPEG image with the conventional DNN (the paper's cloud-only baseline)."""
         if m.conv_spec is None:
-            raise error(503, "this cloud server has no conventional DNN (RUN_DIR/conventional); use /v1/offload")
+            raise error(
+                503, "this cloud server has no conventional DNN (RUN_DIR/conventional); use /v1/offload"
+            )
         check_content_type(request, IMAGE_TYPES)
         body = await read_body(request, max_body_bytes)
         request_id = request.headers.get("x-request-id", "")[:100] or uuid.uuid4().hex
@@ -201,8 +191,8 @@ def create_cloud_app(
             k=0,
         )
 
+    api.include_router(probe_router)  # behind the same token
     app.include_router(api)
-    app.include_router(probe_router, dependencies=[fastapi.Depends(bearer_auth(token))])
     return app
 
 
@@ -251,4 +241,6 @@ def serve_cloud(
     os.environ[_ENV_RUNTIME] = runtime
     if token is not None:
         os.environ["EDGEEXIT_TOKEN"] = token
-    uvicorn.run("edgeexit.serving.cloud_app:app_from_env", factory=True, host=host, port=port, workers=workers)
+    uvicorn.run(
+        "edgeexit.serving.cloud_app:app_from_env", factory=True, host=host, port=port, workers=workers
+    )

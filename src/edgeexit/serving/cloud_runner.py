@@ -14,6 +14,7 @@ from edgeexit.model.spec import ModelSpec
 from edgeexit.runtime import Runtime, load_runtime
 from edgeexit.serving import wire
 from edgeexit.serving.images import IMAGE_TYPES
+from edgeexit.serving.server import release_freed_memory
 
 __all__ = ["CloudRunner"]
 
@@ -37,6 +38,7 @@ class CloudRunner:
             log.warning("EE-DNN in %s has no temperatures: answering with plain softmax", run_dir)
         if not rt.has_conventional:
             log.info("no conventional DNN in %s: /v1/classify answers 503", run_dir)
+        release_freed_memory()
         return cls(rt)
 
     @property

@@ -16,12 +16,11 @@ from starlette.concurrency import run_in_threadpool
 from edgeexit.errors import UserError
 from edgeexit.serving.edge_runner import EdgeAnswer, Runner, load_runner
 from edgeexit.serving.http import (
-    bearer_auth,
     binary_body,
     check_content_type,
     error,
     error_responses,
-    install_error_handlers,
+    new_app,
     read_body,
     resolve_token,
 )
@@ -45,14 +44,7 @@ def create_edge_app(
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise UserError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
     token = resolve_token(token, EDGE_TOKEN_ENV)
-    app = fastapi.FastAPI(title="edgeexit edge server", version="1", description=__doc__)
-    install_error_handlers(app)
-    api = fastapi.APIRouter(dependencies=[fastapi.Depends(bearer_auth(token))])
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        """Liveness: always open, even with a token configured."""
-        return {"status": "ok"}
+    app, api = new_app("edgeexit edge server", __doc__, token)
 
     @api.get("/v1/config", responses=error_responses(401))
     async def config() -> dict[str, Any]:
@@ -96,9 +88,15 @@ def serve_edge(
     """Run the edge server with uvicorn until interrupted (token: clients' bearer token; cloud_token: the cloud's)."""
     check_port_free(host, port)
     runner = load_runner(
-        Path(run_dir), strategy=strategy, alpha=alpha, k=k, cloud_url=cloud_url, precision=precision,
-        token=cloud_token, runtime=runtime,
-    )  # fmt: skip
+        Path(run_dir),
+        strategy=strategy,
+        alpha=alpha,
+        k=k,
+        cloud_url=cloud_url,
+        precision=precision,
+        token=cloud_token,
+        runtime=runtime,
+    )
     try:
         uvicorn.run(create_edge_app(runner, token=token), host=host, port=port)
     finally:

@@ -1,24 +1,15 @@
 """The edge: runners that classify one image and offload the hard ones (no HTTP here; see edge_app).
 
-`EdgeRunner` (an edge policy: ee, ensemble, ensemble-mean, entropy) decodes and preprocesses an image
-(`spec.preprocessing`), runs stage i and side branch i through the runtime, calibrates the branch's logits
-(`inference.calibrate`), and asks the policy (`policy.policy_for`, the same code the offline sweep uses)
-whether to stop. When no branch up to k is confident it sends the stage-k tensor to the cloud
-(`wire.encode_payload`) and returns the cloud's answer. `ConventionalRunner` is the cloud-only model role:
-it sends the image itself to the cloud's conventional DNN.
+`EdgeRunner` (an edge policy) preprocesses an image (`spec.preprocessing`), runs stage i and branch i through
+the runtime, calibrates (`inference.calibrate`) and asks the policy (`policy.policy_for`, the sweep's code)
+whether to stop; when no branch up to k is confident it sends the stage-k tensor to the cloud and returns its
+answer. `ConventionalRunner`, the cloud-only model role, sends the image itself to the conventional DNN.
 
-Failures lose nothing: when the cloud is unreachable, times out, answers 5xx after the client's retries, or
-refuses the payload (409 model mismatch, 422, 401...), the runner answers with the most confident edge exit
-computed so far (ensembles: the ensemble's own answer after branch k), outcome ``offload_failed`` and
-``detail`` saying why. The conventional runner with the cloud down runs the EE-DNN's edge exits 1..k and
-answers the same way. A runner without a cloud (no URL, no client) always falls back, detail
-"no cloud configured".
-
-MACs are counted as the offline records count them (`CostTable.executed_macs`, one rule): an answer at edge
-exit i costs stages 1..i and heads 1..i (ensembles decide only at k: stages and heads 1..k); an offloaded
-answer costs every stage, the k edge heads and the final head; a fallback costs what the edge ran (stages
-and heads 1..k); the conventional DNN costs its total. `bytes_sent` is the request body (safetensors payload
-or image bytes) the edge sent, 0 when it sent nothing.
+Failures lose nothing: when the cloud is unreachable, times out, answers 5xx after retries or refuses the
+payload, the runner answers from the most confident edge exit so far (ensembles: their own answer after
+branch k) with outcome ``offload_failed`` and ``detail`` saying why; without a cloud, detail is
+"no cloud configured". MACs follow `CostTable.executed_macs`, the offline rule; a fallback costs what the edge
+ran (stages and heads 1..k). `bytes_sent` is the request body the edge sent, 0 when it sent nothing.
 """
 
 from __future__ import annotations
@@ -40,10 +31,19 @@ from edgeexit.inference import calibrate
 from edgeexit.policy import CLOUD, CONVENTIONAL, POLICIES, Decision, Policy, policy_for
 from edgeexit.runtime import Runtime, load_runtime
 from edgeexit.serving import wire
-from edgeexit.serving.client import CloudClient, OffloadFailed
+from edgeexit.serving.client import CloudAnswer, CloudClient, OffloadFailed
 from edgeexit.serving.images import ImageRejected, decode_image, png_bytes, sniff_image_type
+from edgeexit.serving.server import release_freed_memory
 
-__all__ = ["EdgeAnswer", "EdgeRunner", "ConventionalRunner", "Runner", "load_runner", "make_runner", "classify_files"]
+__all__ = [
+    "EdgeAnswer",
+    "EdgeRunner",
+    "ConventionalRunner",
+    "Runner",
+    "load_runner",
+    "make_runner",
+    "classify_files",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,22 @@ def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def _cloud_answer(ans: CloudAnswer, *, macs: int, bytes_sent: int, t0: float, request_id: str) -> EdgeAnswer:
+    """The cloud's answer as the edge reports it."""
+    return EdgeAnswer(
+        label=ans.label,
+        class_name=ans.class_name,
+        confidence=ans.confidence,
+        exit=CLOUD,
+        answered_at="cloud",
+        macs=macs,
+        bytes_sent=bytes_sent,
+        time_ms=_ms(t0),
+        outcome="ok",
+        request_id=request_id,
+    )
+
+
 def _check_k(k: Any, n: int) -> int:
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n:
         raise UserError(f"edge branches k={k!r}; this model accepts an integer in 1..{n}")
@@ -82,7 +98,12 @@ class Runner:
     strategy: str
 
     def __init__(
-        self, runtime: Runtime, *, k: int | None = None, client: CloudClient | None = None, precision: str = "fp32"
+        self,
+        runtime: Runtime,
+        *,
+        k: int | None = None,
+        client: CloudClient | None = None,
+        precision: str = "fp32",
     ) -> None:
         if precision not in wire.PRECISIONS:
             raise UserError(f"wire precision {precision!r}; expected one of {', '.join(wire.PRECISIONS)}")
@@ -106,8 +127,14 @@ class Runner:
     def variant(self, *, strategy: str, alpha: float, k: int | None = None) -> Runner:
         """The same runtime, precision and client (one keep-alive connection) with another strategy; k None
         keeps this runner's k."""
-        return make_runner(self.runtime, strategy=strategy, alpha=alpha, k=self.k if k is None else k,
-                           client=self.client, precision=self.precision)  # fmt: skip
+        return make_runner(
+            self.runtime,
+            strategy=strategy,
+            alpha=alpha,
+            k=self.k if k is None else k,
+            client=self.client,
+            precision=self.precision,
+        )
 
     def close(self) -> None:
         """Close the cloud client if this runner created it (`load_runner` with a URL)."""
@@ -154,13 +181,17 @@ class Runner:
     def _check_uint8(self, x: torch.Tensor) -> None:
         s = self.spec.input_size
         if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or tuple(x.shape) != (3, s, s):
-            raise UserError(f"expected a uint8 tensor [3, {s}, {s}], got {getattr(x, 'dtype', type(x))} "
-                            f"{tuple(getattr(x, 'shape', ()))}")  # fmt: skip
+            raise UserError(
+                f"expected a uint8 tensor [3, {s}, {s}], got {getattr(x, 'dtype', type(x))} "
+                f"{tuple(getattr(x, 'shape', ()))}"
+            )
 
     def _to_uint8(self, data: bytes) -> torch.Tensor:
         return self.prep.to_uint8(decode_image(data))
 
-    def _run_edge(self, x: torch.Tensor, policy: Policy) -> tuple[int | None, list[torch.Tensor], Decision, torch.Tensor]:
+    def _run_edge(
+        self, x: torch.Tensor, policy: Policy
+    ) -> tuple[int | None, list[torch.Tensor], Decision, torch.Tensor]:
         """Stages and branches 1..k until the policy stops: (stop exit or None, probs so far, last decision, h)."""
         probs: list[torch.Tensor] = []
         with torch.inference_mode():
@@ -173,18 +204,42 @@ class Runner:
                     return i, probs, d, h
         return None, probs, d, h
 
-    def _edge_answer(self, d: Decision, i: int, request_id: str, t0: float, *, failed: str | None = None,
-                     bytes_sent: int = 0, macs: int | None = None) -> EdgeAnswer:  # fmt: skip
+    def _edge_answer(
+        self,
+        d: Decision,
+        i: int,
+        request_id: str,
+        t0: float,
+        *,
+        failed: str | None = None,
+        bytes_sent: int = 0,
+        macs: int | None = None,
+    ) -> EdgeAnswer:
         label = int(d.label[0])
         return EdgeAnswer(
-            label=label, class_name=self.spec.class_names[label], confidence=float(d.confidence[0]), exit=i,
-            answered_at="edge", macs=self._macs_at[i] if macs is None else macs, bytes_sent=bytes_sent,
-            time_ms=_ms(t0), outcome="ok" if failed is None else "offload_failed", request_id=request_id,
+            label=label,
+            class_name=self.spec.class_names[label],
+            confidence=float(d.confidence[0]),
+            exit=i,
+            answered_at="edge",
+            macs=self._macs_at[i] if macs is None else macs,
+            bytes_sent=bytes_sent,
+            time_ms=_ms(t0),
+            outcome="ok" if failed is None else "offload_failed",
+            request_id=request_id,
             detail=failed,
-        )  # fmt: skip
+        )
 
-    def _fallback(self, probs: Sequence[torch.Tensor], last: Decision, policy: Policy, request_id: str,
-                  t0: float, why: str, bytes_sent: int) -> EdgeAnswer:  # fmt: skip
+    def _fallback(
+        self,
+        probs: Sequence[torch.Tensor],
+        last: Decision,
+        policy: Policy,
+        request_id: str,
+        t0: float,
+        why: str,
+        bytes_sent: int,
+    ) -> EdgeAnswer:
         """The best answer the edge has: the ensemble's after branch k, else the most confident exit so far."""
         if policy.decides_every_exit:
             confs = [float(p.max()) for p in probs]
@@ -198,7 +253,9 @@ class Runner:
         else:
             log.warning("offload failed (%s); answering at edge exit %d", why, i)
         # What the edge ran: stages and heads 1..k, i.e. the cost of an answer at exit k.
-        return self._edge_answer(d, i, request_id, t0, failed=why, bytes_sent=bytes_sent, macs=self._macs_at[self.k])
+        return self._edge_answer(
+            d, i, request_id, t0, failed=why, bytes_sent=bytes_sent, macs=self._macs_at[self.k]
+        )
 
 
 class EdgeRunner(Runner):
@@ -251,19 +308,21 @@ class EdgeRunner(Runner):
             return self._fallback(probs, d, self.policy, request_id, t0, NO_CLOUD, 0)
         try:
             body = wire.encode_payload(
-                h, model_hash=self.spec.content_hash, k=self.k, request_id=request_id, precision=self.precision
+                h,
+                model_hash=self.spec.content_hash,
+                k=self.k,
+                request_id=request_id,
+                precision=self.precision,
             )
         except UserError as exc:  # e.g. a tensor outside the fp16 range: the edge's answer still stands
-            return self._fallback(probs, d, self.policy, request_id, t0, f"cannot encode the payload: {exc}", 0)
+            return self._fallback(
+                probs, d, self.policy, request_id, t0, f"cannot encode the payload: {exc}", 0
+            )
         try:
             ans = self.client.offload(body, request_id)
         except OffloadFailed as exc:
             return self._fallback(probs, d, self.policy, request_id, t0, str(exc), len(body))
-        return EdgeAnswer(
-            label=ans.label, class_name=ans.class_name, confidence=ans.confidence, exit=CLOUD,
-            answered_at="cloud", macs=self._macs_cloud, bytes_sent=len(body), time_ms=_ms(t0), outcome="ok",
-            request_id=request_id,
-        )  # fmt: skip
+        return _cloud_answer(ans, macs=self._macs_cloud, bytes_sent=len(body), t0=t0, request_id=request_id)
 
 
 class ConventionalRunner(Runner):
@@ -273,7 +332,12 @@ class ConventionalRunner(Runner):
     strategy = CONVENTIONAL
 
     def __init__(
-        self, runtime: Runtime, *, k: int | None = None, client: CloudClient | None = None, precision: str = "fp32"
+        self,
+        runtime: Runtime,
+        *,
+        k: int | None = None,
+        client: CloudClient | None = None,
+        precision: str = "fp32",
     ) -> None:
         super().__init__(runtime, k=k, client=client, precision=precision)
         if runtime.conventional_macs is None:
@@ -304,11 +368,10 @@ class ConventionalRunner(Runner):
             except OffloadFailed as exc:
                 why, sent = str(exc), len(data)
             else:
-                return EdgeAnswer(
-                    label=ans.label, class_name=ans.class_name, confidence=ans.confidence, exit=CLOUD,
-                    answered_at="cloud", macs=self.conventional_macs, bytes_sent=len(data), time_ms=_ms(t0),
-                    outcome="ok", request_id=ans.request_id or request_id,
-                )  # fmt: skip
+                rid = ans.request_id or request_id
+                return _cloud_answer(
+                    ans, macs=self.conventional_macs, bytes_sent=len(data), t0=t0, request_id=rid
+                )
         # Cloud down: the EE-DNN's edge exits 1..k still give an answer (the most confident one).
         _, probs, d, _ = self._run_edge(x if x is not None else self._to_uint8(data), self._never)
         return self._fallback(probs, d, self._never, request_id, t0, why, sent)
@@ -350,6 +413,7 @@ def load_runner(
     edge. `token` is the cloud's bearer token (None: $EDGEEXIT_TOKEN). k None = all branches.
     """
     rt = load_runtime(Path(run_dir), runtime, load_conventional=False)
+    release_freed_memory()
     owns = False
     if client is None and cloud_url is not None:
         client = CloudClient(cloud_url, token=token, retries=retries, timeout=timeout)

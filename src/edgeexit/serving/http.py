@@ -23,6 +23,7 @@ __all__ = [
     "error",
     "error_responses",
     "install_error_handlers",
+    "new_app",
     "read_body",
     "resolve_token",
 ]
@@ -68,6 +69,22 @@ def bearer_auth(token: str | None) -> Callable[[Request], Awaitable[None]]:
     return check
 
 
+def new_app(
+    title: str, description: str | None, token: str | None
+) -> tuple[fastapi.FastAPI, fastapi.APIRouter]:
+    """A FastAPI app with one-line JSON errors and an open GET /healthz, and the router for its protected
+    routes (bearer token `token`, None: open); include the router once its routes are declared."""
+    app = fastapi.FastAPI(title=title, version="1", description=description or "")
+    install_error_handlers(app)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: always open, even with a token configured."""
+        return {"status": "ok"}
+
+    return app, fastapi.APIRouter(dependencies=[fastapi.Depends(bearer_auth(token))])
+
+
 def install_error_handlers(app: fastapi.FastAPI) -> None:
     """Every error answers {"detail": "<one line>"}: validation errors flattened, crashes logged and hidden."""
 
@@ -85,7 +102,9 @@ def install_error_handlers(app: fastapi.FastAPI) -> None:
 
     async def crash(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
+        return JSONResponse(
+            {"detail": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500
+        )
 
     app.add_exception_handler(RequestValidationError, validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
@@ -131,12 +150,16 @@ def binary_body(*media_types: str) -> dict[str, Any]:
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for error codes, each with the {"detail": str} body."""
     described = {
-        400: "malformed body", 401: "missing or wrong bearer token", 409: "model hash mismatch",
-        413: "body too large", 415: "wrong Content-Type or image format", 422: "valid body the model cannot take",
+        400: "malformed body",
+        401: "missing or wrong bearer token",
+        409: "model hash mismatch",
+        413: "body too large",
+        415: "wrong Content-Type or image format",
+        422: "valid body the model cannot take",
         503: "no model for this request",
-    }  # fmt: skip
+    }
     schema = {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}
-    return {c: {"description": described.get(c, "error"), "content": {"application/json": {"schema": schema}}}
-            for c in codes}  # fmt: skip
-
-
+    return {
+        c: {"description": described.get(c, "error"), "content": {"application/json": {"schema": schema}}}
+        for c in codes
+    }

@@ -10,7 +10,14 @@ from PIL import Image
 
 from edgeexit.errors import UserError
 
-__all__ = ["IMAGE_TYPES", "MAX_IMAGE_PIXELS", "ImageRejected", "decode_image", "png_bytes", "sniff_image_type"]
+__all__ = [
+    "IMAGE_TYPES",
+    "MAX_IMAGE_PIXELS",
+    "ImageRejected",
+    "decode_image",
+    "png_bytes",
+    "sniff_image_type",
+]
 
 IMAGE_TYPES = ("image/png", "image/jpeg")
 # 16 Mpx (48 MiB as RGB): far above any camera frame this system classifies, far below a decompression bomb.
@@ -46,7 +53,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageRejected(413, f"image too large; at most {max_pixels} pixels are accepted") from None
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad bytes
-        raise ImageRejected(400, f"cannot decode the image ({type(exc).__name__}); expected PNG or JPEG bytes") from None
+        raise ImageRejected(
+            400, f"cannot decode the image ({type(exc).__name__}); expected PNG or JPEG bytes"
+        ) from None
     return img
 
 

@@ -57,7 +57,9 @@ class LinkSpec:
         """Parse e.g. ("11.91ms" | "0.5s" | "800us" | "11.91" [ms], "93.9mbit" | "1gbit" | "500kbit")."""
         m = _RTT_RE.fullmatch(rtt.strip())
         if m is None:
-            raise UserError(f"link RTT {rtt!r}; expected a number with an optional unit us/ms/s, e.g. '11.91ms'")
+            raise UserError(
+                f"link RTT {rtt!r}; expected a number with an optional unit us/ms/s, e.g. '11.91ms'"
+            )
         rtt_ms = float(m.group(1)) * _RTT_UNIT_MS[(m.group(2) or "ms").lower()]
         b = _BW_RE.fullmatch(bandwidth.strip())
         if b is None:
@@ -151,7 +153,9 @@ class _Direction:
 class LinkProxy:
     """Asyncio TCP proxy from a listen address to a target address over an emulated link."""
 
-    def __init__(self, listen_host: str, listen_port: int, target_host: str, target_port: int, spec: LinkSpec) -> None:
+    def __init__(
+        self, listen_host: str, listen_port: int, target_host: str, target_port: int, spec: LinkSpec
+    ) -> None:
         self.listen_host = listen_host
         self.listen_port = listen_port
         self.target_host = target_host
@@ -184,8 +188,14 @@ class LinkProxy:
                 "expected a free local address"
             ) from None
         self._timer = _Timer()
-        log.debug("link proxy %s:%d -> %s:%d (%s)", self.listen_host, self.port, self.target_host,
-                  self.target_port, self.spec)
+        log.debug(
+            "link proxy %s:%d -> %s:%d (%s)",
+            self.listen_host,
+            self.port,
+            self.target_host,
+            self.target_port,
+            self.spec,
+        )
 
     async def stop(self) -> None:
         """Stop listening, close every open connection and wait for their tasks to end."""
@@ -218,7 +228,9 @@ class LinkProxy:
             try:
                 target_r, target_w = await asyncio.open_connection(self.target_host, self.target_port)
             except OSError as exc:
-                log.warning("link proxy: cannot reach target %s:%d (%s)", self.target_host, self.target_port, exc)
+                log.warning(
+                    "link proxy: cannot reach target %s:%d (%s)", self.target_host, self.target_port, exc
+                )
                 return
             writers.append(target_w)
             log.debug("link proxy: %s connected", peer)
@@ -343,7 +355,9 @@ def run_link_in_thread(listen: str, target: str, spec: LinkSpec) -> LinkHandle:
         finally:
             await proxy.stop()
 
-    thread = threading.Thread(target=asyncio.run, args=(serve(),), name=f"edgeexit-link-{listen}", daemon=True)
+    thread = threading.Thread(
+        target=asyncio.run, args=(serve(),), name=f"edgeexit-link-{listen}", daemon=True
+    )
     thread.start()
     ready.wait()
     if "error" in box:

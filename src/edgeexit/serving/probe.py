@@ -102,14 +102,20 @@ def _mbit(nbytes: int, seconds: float, rtt_s: float) -> float:
     """Throughput of one transfer with one RTT of request/response overhead taken out."""
     payload_s = seconds - rtt_s
     if payload_s <= 0.1 * seconds:
-        log.warning("transfer of %d bytes took %.2f ms, about one RTT: increase transfer_bytes", nbytes,
-                    seconds * 1e3)
+        log.warning(
+            "transfer of %d bytes took %.2f ms, about one RTT: increase transfer_bytes", nbytes, seconds * 1e3
+        )
         payload_s = seconds
     return nbytes * 8 / payload_s / 1e6
 
 
 def probe_link(
-    base_url: str, *, pings: int = 20, transfers: int = 5, transfer_bytes: int = 2_000_000, timeout: float = 30
+    base_url: str,
+    *,
+    pings: int = 20,
+    transfers: int = 5,
+    transfer_bytes: int = 2_000_000,
+    timeout: float = 30,
 ) -> LinkMeasurement:
     """Measure RTT and throughput to a server that mounts `probe_router`, on one warm keep-alive connection.
 
@@ -131,7 +137,9 @@ def probe_link(
     try:
         client = httpx.Client(base_url=base_url, timeout=timeout)
     except (httpx.InvalidURL, TypeError) as exc:
-        raise UserError(f"link probe URL {base_url!r} is not valid ({exc}); expected e.g. http://host:port") from None
+        raise UserError(
+            f"link probe URL {base_url!r} is not valid ({exc}); expected e.g. http://host:port"
+        ) from None
     with client:
         try:
             for _ in range(3):  # warm up: connect, and let both ends' first-request costs pass
@@ -149,14 +157,18 @@ def probe_link(
                 dt = time.perf_counter() - t0
                 r.raise_for_status()
                 if _sunk_bytes(r) != transfer_bytes:
-                    raise UserError(f"link probe at {base_url} answered {r.text[:80]!r} to {transfer_bytes} bytes")
+                    raise UserError(
+                        f"link probe at {base_url} answered {r.text[:80]!r} to {transfer_bytes} bytes"
+                    )
                 ups.append(_mbit(transfer_bytes, dt, rtt_s))
                 t0 = time.perf_counter()
                 r = client.get("/v1/probe/source", params={"bytes": transfer_bytes})
                 dt = time.perf_counter() - t0
                 r.raise_for_status()
                 if len(r.content) != transfer_bytes:
-                    raise UserError(f"link probe at {base_url} sent {len(r.content)} of {transfer_bytes} bytes")
+                    raise UserError(
+                        f"link probe at {base_url} sent {len(r.content)} of {transfer_bytes} bytes"
+                    )
                 downs.append(_mbit(transfer_bytes, dt, rtt_s))
         except httpx.HTTPStatusError as exc:
             raise UserError(

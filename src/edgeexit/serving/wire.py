@@ -109,7 +109,9 @@ def encode_payload(
     elif precision == "fp16":
         wire = t.half()
         overflow = torch.isinf(wire)
-        if bool(overflow.any()) and bool((overflow & torch.isfinite(t)).any()):  # finite -> inf: silent damage
+        if bool(overflow.any()) and bool(
+            (overflow & torch.isfinite(t)).any()
+        ):  # finite -> inf: silent damage
             raise UserError("tensor exceeds the fp16 range (|x| <= 65504); send it as fp32")
     else:
         if has_non_finite(t):
@@ -123,10 +125,14 @@ def encode_payload(
 def _read_metadata(body: bytes) -> dict[str, str]:
     """Parse the safetensors header ourselves: the torch loader does not return the metadata."""
     if len(body) < 8:
-        raise PayloadError(f"payload truncated: expected a safetensors body of at least 8 bytes, got {len(body)}")
+        raise PayloadError(
+            f"payload truncated: expected a safetensors body of at least 8 bytes, got {len(body)}"
+        )
     n = int.from_bytes(body[:8], "little")
     if n > _MAX_HEADER_BYTES:
-        raise PayloadError(f"payload header of {n} bytes; expected a safetensors header under {_MAX_HEADER_BYTES}")
+        raise PayloadError(
+            f"payload header of {n} bytes; expected a safetensors header under {_MAX_HEADER_BYTES}"
+        )
     if 8 + n > len(body):
         raise PayloadError(f"payload truncated: header says {n} bytes, body has {len(body) - 8}")
     try:
@@ -138,16 +144,21 @@ def _read_metadata(body: bytes) -> dict[str, str]:
         raise PayloadError(f"payload has no string metadata; expected a safetensors body written by {FORMAT}")
     missing = [key for key in _REQUIRED_META if key not in meta]
     if missing:
-        raise PayloadError(f"payload metadata lacks {', '.join(missing)}; expected {', '.join(_REQUIRED_META)}")
+        raise PayloadError(
+            f"payload metadata lacks {', '.join(missing)}; expected {', '.join(_REQUIRED_META)}"
+        )
     if meta["format"] != FORMAT:
         raise PayloadError(f"payload format {meta['format'][:40]!r}; expected {FORMAT!r}")
     # A body cut short (a dropped connection, a proxy limit) deserves a plain "truncated", not a loader error.
     ends = [
         v["data_offsets"][1]
         for name, v in header.items()
-        if name != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list)
-        and len(v["data_offsets"]) == 2 and isinstance(v["data_offsets"][1], int)
-    ]  # fmt: skip
+        if name != "__metadata__"
+        and isinstance(v, dict)
+        and isinstance(v.get("data_offsets"), list)
+        and len(v["data_offsets"]) == 2
+        and isinstance(v["data_offsets"][1], int)
+    ]
     have = len(body) - 8 - n
     if ends and max(ends) > have:
         raise PayloadError(
@@ -176,12 +187,18 @@ def decode_payload(body: bytes) -> OffloadPayload:
     try:
         tensors = safetensors.torch.load(body)
     except Exception as exc:  # the Rust loader raises its own error types for every kind of bad body
-        raise PayloadError(f"payload is not a valid safetensors body ({str(exc).splitlines()[0][:120]})") from None
+        raise PayloadError(
+            f"payload is not a valid safetensors body ({str(exc).splitlines()[0][:120]})"
+        ) from None
     if set(tensors) != {TENSOR_KEY}:
-        raise PayloadError(f"payload tensors {sorted(tensors)[:4]}; expected exactly one named {TENSOR_KEY!r}")
+        raise PayloadError(
+            f"payload tensors {sorted(tensors)[:4]}; expected exactly one named {TENSOR_KEY!r}"
+        )
     wire = tensors[TENSOR_KEY]
     if wire.dtype != _WIRE_DTYPE[precision]:
-        raise PayloadDtypeError(f"payload tensor is {wire.dtype}; precision {precision} expects {_WIRE_DTYPE[precision]}")
+        raise PayloadDtypeError(
+            f"payload tensor is {wire.dtype}; precision {precision} expects {_WIRE_DTYPE[precision]}"
+        )
     if list(wire.shape) != shape:
         raise PayloadError(f"payload tensor has shape {list(wire.shape)}; metadata says {shape}")
     if precision == "int8":

@@ -178,8 +178,14 @@ def _calibrate_model(
         exits.append(row)
         log.info(
             "%s exit %s: T %.3f, NLL %.4f -> %.4f, ECE %.4f -> %.4f",
-            which, name, t, row["nll_before"], row["nll_after"], row["ece_before"], row["ece_after"],
-        )  # fmt: skip
+            which,
+            name,
+            t,
+            row["nll_before"],
+            row["nll_after"],
+            row["ece_before"],
+            row["ece_after"],
+        )
     spec.temperatures = temps
     spec.ensemble_weights = ens
     spec.exit_val_accuracy = acc

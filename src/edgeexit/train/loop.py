@@ -317,9 +317,14 @@ def _train(
             st.bad_epochs += 1
         log.info(
             "%s epoch %d/%d: train loss %.4f, val loss %.4f%s, val acc per exit %s",
-            which, epoch, t.epochs, train_loss, val_loss, " (best)" if improved else "",
+            which,
+            epoch,
+            t.epochs,
+            train_loss,
+            val_loss,
+            " (best)" if improved else "",
             " ".join(f"{a:.4f}" for a in val_acc),
-        )  # fmt: skip
+        )
         if info.is_main:
             if improved:
                 spec.metrics = progress_metrics(st)
