@@ -1,6 +1,6 @@
 """Start-up cost of the command line and the cloud server: `edgeexit evaluate` vs `evaluate_run`, idle RSS.
 
-    python bench/bench_startup.py [--run RUN_DIR] [--repeats 3] [--quick] [--limit N]
+    python bench/bench_startup.py [--run RUN_DIR] [--repeats 3] [--threads 1|0] [--quick] [--limit N]
 
 (1) `edgeexit evaluate RUN_DIR` as a whole CLI process (`python -m edgeexit evaluate`: interpreter start,
     imports, argument parsing, the sweep, the printed summary) against the in-process call
@@ -15,7 +15,8 @@
     /healthz polled until 200, a few GET /v1/model sent, then after ~2 s VmRSS and VmHWM are read from
     /proc/PID/status and the server is stopped (SIGINT, then kill). Median over repeats (target <= 760 MiB).
 
-Every child runs with OMP_NUM_THREADS=1 (and MKL_NUM_THREADS=1). The given run is copied, never written to.
+Every child runs with OMP_NUM_THREADS=1 (and MKL_NUM_THREADS=1), or with torch's default under `--threads 0`.
+The given run is copied, never written to.
 This script imports nothing from edgeexit itself: a crash in `evaluate` or `serve-cloud` is reported (with
 the tail of its output) and the rest still runs; the exit status is 1 if any measurement failed. Wall-clock
 numbers depend on the machine's load: the ratios, measured side by side, are what to compare.
@@ -82,8 +83,15 @@ class Results:
     failures: list[Failure] = field(default_factory=list)
 
 
+THREADS = "1"  # --threads: the children's OMP/MKL threads; "0" leaves torch's default (one per core)
+
+
 def child_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("OMP_NUM_THREADS", None)
+    env.pop("MKL_NUM_THREADS", None)
+    if THREADS != "0":
+        env.update(OMP_NUM_THREADS=THREADS, MKL_NUM_THREADS=THREADS)
     env.pop("EDGEEXIT_TOKEN", None)  # the server must answer /v1/model without a token
     return env
 
@@ -300,7 +308,8 @@ def report(res: Results, args: argparse.Namespace, run: Path) -> None:
     print()
     print(
         f"run {run}; {args.repeats} repeat(s); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
-        f"children with OMP_NUM_THREADS=1" + (f"; --limit {args.limit}" if args.limit else "")
+        f"children with OMP_NUM_THREADS={THREADS if THREADS != '0' else 'unset (torch default)'}"
+        + (f"; --limit {args.limit}" if args.limit else "")
     )
     if not args.skip_evaluate:
         cli, inproc = _med(res.cli), _med(res.inproc)
@@ -356,6 +365,7 @@ def main() -> int:
     p.add_argument(
         "--repeats", type=int, default=3, help="repeats of every measurement; medians are reported"
     )
+    p.add_argument("--threads", default="1", help="children's OMP threads; 0 = torch's default (default: 1)")
     p.add_argument("--quick", action="store_true", help="one repeat, fewer requests, a shorter settle")
     p.add_argument("--limit", type=int, help="evaluate only the first N test images (both sides)")
     p.add_argument("--requests", type=int, default=5, help="GET /v1/model sent before reading the RSS")
@@ -363,6 +373,8 @@ def main() -> int:
     p.add_argument("--skip-evaluate", action="store_true", help="only measure (2)")
     p.add_argument("--skip-serve", action="store_true", help="only measure (1)")
     args = p.parse_args()
+    global THREADS
+    THREADS = str(args.threads)
     if args.quick:
         args.repeats, args.requests, args.settle = 1, 3, 1.0
     args.repeats = max(1, args.repeats)

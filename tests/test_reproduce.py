@@ -157,7 +157,7 @@ def test_sigterm_during_the_online_run_stops_the_cloud_server(quick_run: Path) -
     for p in (quick_run / "online").glob("*.parquet"):
         p.unlink()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgeexit", "reproduce", "--quick", "--out", str(quick_run)],
+        [sys.executable, "-m", "edgeexit", *QUICK, "--out", str(quick_run)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
