@@ -1,7 +1,9 @@
-"""Fixtures shared by the whole suite: one torch thread, and session-scoped tiny runs built once."""
+"""Fixtures shared by the whole suite: one torch thread, session-scoped tiny runs built once, and, under
+pytest-xdist, timing-sensitive test files run alone."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +26,30 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def alone_if_timing_sensitive(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Under pytest-xdist, a test file that sets `TIMING_SENSITIVE = True` (the link emulator's bandwidth and RTT
+    checks) runs while no other file runs: it takes an exclusive lock that every other file takes shared.
+
+    Two workers share two cores; a file that trains or starts servers beside a throughput measurement starves
+    the emulator and the measurement fails for reasons that have nothing to do with the code. The lock file lies
+    in this run's pytest temporary directory (the workers' common parent), so separate runs never wait on each
+    other; without xdist nothing is locked.
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    exclusive = bool(getattr(request.module, "TIMING_SENSITIVE", False))
+    with open(tmp_path_factory.getbasetemp().parent / "timing.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from edgeexit.serving.link import LinkProxy, LinkSpec, parse_address, run_link_i
 from edgeexit.serving.probe import MAX_SOURCE_BYTES, probe_link, probe_router
 
 pytestmark = pytest.mark.slow  # starts real servers
+TIMING_SENSITIVE = True  # bandwidth and RTT measured on the wall clock: run alone (tests/conftest.py)
 
 RTT_MS = 20.0
 MBIT = 40.0
