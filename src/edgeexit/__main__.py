@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-
-from edgeexit.cli import main
+from edgeexit.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
