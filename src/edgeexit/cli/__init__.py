@@ -57,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+    if args.verbose < 2:  # httpx logs every request at INFO: thousands of lines in an online run
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args) or 0
     except EdgeExitError as exc:  # a user error, a bad payload, a failed offload: one line, no traceback
