@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from edgeexit.train import (
     fit_temperature,
     train_model,
 )
+from edgeexit.train.calibrate import warn_wild_temperatures
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -141,3 +143,18 @@ def test_calibrate_run_global_mode(tiny_run: tuple[Path, RunConfig]) -> None:
     with pytest.raises(UserError, match="calibration.mode: must be one of per_exit, global"):
         cfg.calibration.mode = "sometimes"  # refused when assigned, before any calibration
     assert cfg.calibration.mode == "global"
+
+
+def test_wild_temperatures_warn_with_exit_and_value(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="edgeexit.train.calibrate"):
+        messages = warn_wild_temperatures([250.0, 1.3, 0.004, 0.8], "ee")
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == messages and len(warned) == 2
+    assert "ee exit 1: temperature 250 " in warned[0] and "uniform" in warned[0]
+    assert "ee exit 3: temperature 0.004 " in warned[1] and "one-hot" in warned[1]
+    assert all("more epochs" in m for m in warned)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="edgeexit.train.calibrate"):
+        assert warn_wild_temperatures([0.01, 1.0, 100.0], "conventional") == []
+        assert "final" in warn_wild_temperatures([1.0, 1e3], "ee")[0]
+    assert len(caplog.records) == 1

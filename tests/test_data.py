@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -130,12 +131,13 @@ def test_caltech256_missing_layout(tmp_path):
 
 def test_caltech256_corrupt_image_is_user_error(tmp_path):
     cats = tmp_path / "256_ObjectCategories"
-    _make_class_tree(cats, {"001.a": ["x.jpg"]})
+    _make_class_tree(cats, {"001.a": ["x.jpg"], "002.b": ["z.jpg"]})
     (cats / "001.a" / "y.jpg").write_bytes(b"not a jpeg at all")
     ds = load_dataset("caltech256", tmp_path)
-    assert len(ds) == 2
-    with pytest.raises(UserError, match="cannot read image"):
+    assert len(ds) == 3
+    with pytest.raises(UserError, match="cannot read image") as err:
         ds.image(1)
+    assert str(cats / "001.a" / "y.jpg") in str(err.value) and "\n" not in str(err.value)
 
 
 def test_imagefolder(tmp_path):
@@ -147,16 +149,65 @@ def test_imagefolder(tmp_path):
     assert np.array_equal(np.asarray(ds.image(0)), written[tmp_path / "cat" / "3.png"])
 
 
+def _one_line_naming(err: pytest.ExceptionInfo[UserError], path: Path) -> None:
+    message = str(err.value)
+    assert str(path) in message and "\n" not in message, message
+
+
 def test_imagefolder_errors(tmp_path):
-    with pytest.raises(UserError, match="not a directory"):
+    with pytest.raises(UserError, match="does not exist") as err:
         load_dataset("imagefolder", tmp_path / "nope")
-    with pytest.raises(UserError, match="no class folders"):
+    _one_line_naming(err, tmp_path / "nope")
+    (tmp_path / "file.png").write_bytes(b"x")
+    with pytest.raises(UserError, match="is not a directory") as err:
+        load_dataset("imagefolder", tmp_path / "file.png")
+    _one_line_naming(err, tmp_path / "file.png")
+    (tmp_path / "file.png").unlink()
+    with pytest.raises(UserError, match="no class folders") as err:
         load_dataset("imagefolder", tmp_path)
+    _one_line_naming(err, tmp_path)
     _make_class_tree(tmp_path, {"a": ["1.png"]})
+    with pytest.raises(UserError, match="has one class folder \\(a\\); .* at least 2") as err:
+        load_dataset("imagefolder", tmp_path)
+    _one_line_naming(err, tmp_path)
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "Thumbs.db").write_bytes(b"x")
-    with pytest.raises(UserError, match="has no .jpg/.jpeg/.png images"):
+    with pytest.raises(UserError, match="has no .jpg/.jpeg/.png images") as err:
         load_dataset("imagefolder", tmp_path)
+    _one_line_naming(err, tmp_path / "b")
+
+
+def test_imagefolder_unreadable_image_names_the_file(tmp_path):
+    _make_class_tree(tmp_path, {"a": ["1.png"], "b": ["2.png"]})
+    (tmp_path / "b" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    ds = load_dataset("imagefolder", tmp_path)
+    with pytest.raises(UserError, match="cannot read image .*3.png") as err:
+        ds.image(2)
+    _one_line_naming(err, tmp_path / "b" / "3.png")
+
+
+def test_caltech256_one_class_and_empty_class_name_the_folder(tmp_path):
+    cats = tmp_path / "256_ObjectCategories"
+    _make_class_tree(cats, {"001.a": ["x.jpg"]})
+    with pytest.raises(UserError, match="dataset 'caltech256': .* has one class folder") as err:
+        load_dataset("caltech256", tmp_path)
+    _one_line_naming(err, cats)
+    (cats / "002.b").mkdir()
+    with pytest.raises(UserError, match="has no .jpg/.jpeg/.png images") as err:
+        load_dataset("caltech256", tmp_path)
+    _one_line_naming(err, cats / "002.b")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads any folder")
+def test_unlistable_folder_is_named(tmp_path):
+    _make_class_tree(tmp_path, {"a": ["1.png"], "b": ["2.png"]})
+    (tmp_path / "b").chmod(0)
+    try:
+        with pytest.raises(UserError, match="cannot list folder") as err:
+            load_dataset("imagefolder", tmp_path)
+        _one_line_naming(err, tmp_path / "b")
+    finally:
+        (tmp_path / "b").chmod(0o755)
 
 
 def test_cifar10_missing_says_how_to_get_it(tmp_path):
@@ -315,7 +366,7 @@ def test_preprocessing_dict_roundtrip_and_validation():
 
 
 def test_preprocessing_for(tmp_path):
-    _make_class_tree(tmp_path, {"a": ["1.png"]})
+    _make_class_tree(tmp_path, {"a": ["1.png"], "b": ["2.png"]})
     ds = load_dataset("imagefolder", tmp_path)
     assert preprocessing_for(ds) == Preprocessing(224, 256, ds.mean, ds.std)
     p = preprocessing_for(ds, 160)

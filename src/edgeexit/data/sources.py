@@ -65,8 +65,14 @@ class ImageDataset:
         try:
             with Image.open(path) as im:
                 return im.convert("RGB")
-        except (OSError, SyntaxError) as e:  # PIL raises these for truncated/corrupt files
-            raise UserError(f"cannot read image {path}: {e}; expected a readable JPEG/PNG file") from e
+        except (
+            OSError,
+            SyntaxError,
+            ValueError,
+            Image.DecompressionBombError,
+        ) as e:  # corrupt, truncated, huge
+            reason = " ".join(str(e).split()) or type(e).__name__  # one line
+            raise UserError(f"cannot read image {path}: {reason}; expected a readable JPEG/PNG file") from e
 
 
 DATASETS: Registry[Callable[..., ImageDataset]] = Registry("dataset")
@@ -129,11 +135,20 @@ def digits(root: Path | None = None) -> ImageDataset:
     return ImageDataset("digits", names, d.target.astype(np.int64), 32, 32, mean, std, arrays=images)
 
 
-def _image_files(folder: Path) -> list[Path]:
+def _entries(folder: Path, dataset: str) -> list[Path]:
+    """The entries of `folder`; a folder that cannot be listed is a UserError naming it."""
+    try:
+        return list(folder.iterdir())
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise UserError(f"dataset {dataset!r}: cannot list folder {folder}: {reason}") from e
+
+
+def _image_files(folder: Path, dataset: str = "imagefolder") -> list[Path]:
     """The JPEG/PNG files directly in `folder`, sorted; skips hidden files and other junk (Thumbs.db)."""
     return sorted(
         p
-        for p in folder.iterdir()
+        for p in _entries(folder, dataset)
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
     )
 
@@ -142,14 +157,19 @@ def _scan_class_folders(
     base: Path, dataset: str, label_of: Callable[[str], str]
 ) -> tuple[list[str], list[Path], np.ndarray]:
     """Class names, file paths and labels from `base/<class>/<image>` (classes in sorted folder order)."""
-    folders = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(p for p in _entries(base, dataset) if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise UserError(f"dataset {dataset!r}: no class folders in {base}; expected {base}/<class>/<images>")
+    if len(folders) == 1:
+        raise UserError(
+            f"dataset {dataset!r}: {base} has one class folder ({folders[0].name}); a classifier needs at "
+            f"least 2, one folder per class: {base}/<class>/<images>"
+        )
     names: list[str] = []
     paths: list[Path] = []
     labels: list[int] = []
     for c, folder in enumerate(folders):
-        files = _image_files(folder)
+        files = _image_files(folder, dataset)
         if not files:
             raise UserError(
                 f"dataset {dataset!r}: class folder {folder} has no .jpg/.jpeg/.png images; "
@@ -171,7 +191,7 @@ def _caltech_dir(root: Path) -> Path | None:
             continue
         if cand.name == "256_ObjectCategories":
             return cand
-        if any(d.is_dir() and _CALTECH_CLASS.match(d.name) for d in cand.iterdir()):
+        if any(d.is_dir() and _CALTECH_CLASS.match(d.name) for d in _entries(cand, "caltech256")):
             return cand
     return None
 
@@ -198,7 +218,8 @@ def imagefolder(root: Path | None = None) -> ImageDataset:
     """Any `<root>/<class>/<images>` tree (classes in sorted folder order); images are opened lazily."""
     root = _need_root("imagefolder", root)
     if not root.is_dir():
-        raise UserError(f"dataset 'imagefolder': {root} is not a directory; expected <root>/<class>/<images>")
+        what = "is not a directory" if root.exists() else "does not exist"
+        raise UserError(f"dataset 'imagefolder': {root} {what}; expected {root}/<class>/<images>")
     names, paths, labels = _scan_class_folders(root, "imagefolder", lambda n: n)
     return ImageDataset("imagefolder", names, labels, 224, 256, IMAGENET_MEAN, IMAGENET_STD, paths=paths)
 

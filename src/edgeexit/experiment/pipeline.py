@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -20,9 +21,11 @@ from typing import Any
 
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from edgeexit.atomic import atomic_write_bytes
 from edgeexit.config import RunConfig, load_config
+from edgeexit.errors import UserError
 from edgeexit.evaluate.aggregate import summarize
 from edgeexit.experiment import figures
 from edgeexit.experiment.findings import check_findings
@@ -32,9 +35,10 @@ from edgeexit.experiment.servers import cloud_server_process
 from edgeexit.model.checkpoint import load_spec
 from edgeexit.rundir import RunDir
 
-__all__ = ["reproduce", "quick_config", "Stages"]
+__all__ = ["reproduce", "quick_config", "Stages", "estimate_stages", "log_estimate"]
 
 log = logging.getLogger(__name__)
+format_interval = tqdm.format_interval
 
 
 def quick_config(cfg: RunConfig) -> RunConfig:
@@ -52,14 +56,93 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class Stages:
-    """RUN_DIR/stages.json: which stages finished, under which key, and how long they took."""
+STAGE_NAMES = ("train_ee", "train_conventional", "calibrate", "evaluate", "online")
 
-    def __init__(self, run: RunDir) -> None:
+
+def _metrics_rows(run: RunDir, which: str) -> list[dict[str, Any]]:
+    path = run.model_dir(which) / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def estimate_stages(run: RunDir, cfg: RunConfig, names: list[str]) -> dict[str, float | None]:
+    """Expected seconds of each stage in `names` (None: not estimated), from the EE-DNN's first epoch.
+
+    The model: s = seconds of the EE-DNN's first epoch / its training batches (seconds per training batch,
+    the epoch's validation included). Training = epochs left x training batches x s (an upper bound: early
+    stopping may end it sooner; the conventional DNN is counted at the EE-DNN's cost, nothing when it is the
+    EE-DNN's final exit); calibration = 2 models x validation images x f and evaluation = levels x 2 models x
+    test images x f, with f = s / 3 / train.batch_size (a forward pass costs about a third of a training
+    step). The online stage is not estimated (it depends on the link and the servers). Nothing is estimated
+    before the first EE epoch.
+    """
+    rows = _metrics_rows(run, "ee")
+    if not rows or not run.split.is_file():
+        return dict.fromkeys(names)
+    from edgeexit.data import Split
+
+    split = Split.load(run.split)
+    t = cfg.train
+    train_batches = math.ceil(split.train.size / t.batch_size)
+    s = float(rows[0]["seconds"]) / max(train_batches, 1)
+    forward = s / 3 / t.batch_size  # seconds per image of an evaluation forward pass
+    out: dict[str, float | None] = {}
+    for name in names:
+        if name in ("train_ee", "train_conventional"):
+            which = name.removeprefix("train_")
+            if which == "conventional" and t.conventional == "final_exit":
+                out[name] = 0.0
+                continue
+            left = max(t.epochs - len(_metrics_rows(run, which)), 0)
+            out[name] = left * train_batches * s
+        elif name == "calibrate":
+            out[name] = 2 * split.val.size * forward
+        elif name == "evaluate":
+            out[name] = len(cfg.experiment.levels) * 2 * split.test.size * forward
+        else:
+            out[name] = None
+    return out
+
+
+def log_estimate(run: RunDir, cfg: RunConfig, current: str, elapsed: float) -> None:
+    """Log the elapsed time and the expected time of the stages from `current` on (see `estimate_stages`)."""
+    names = list(STAGE_NAMES[STAGE_NAMES.index(current) :]) if current in STAGE_NAMES else [current]
+    try:
+        est = estimate_stages(run, cfg, names)
+    except (OSError, ValueError, KeyError, UserError) as e:  # an estimate never stops the run
+        log.debug("no time estimate: %s", e)
+        est = dict.fromkeys(names)
+    known = {n: v for n, v in est.items() if v is not None}
+    if not known:
+        log.info(
+            "reproduce: %s elapsed; remaining stages %s (an estimate comes after the EE-DNN's first epoch)",
+            format_interval(elapsed),
+            ", ".join(names),
+        )
+        return
+    parts = ", ".join(f"{n} {format_interval(v)}" for n, v in known.items())
+    rest = [n for n, v in est.items() if v is None]
+    log.info(
+        "reproduce: %s elapsed; the stages from %s on should take about %s more (%s%s)",
+        format_interval(elapsed),
+        current,
+        format_interval(sum(known.values())),
+        parts,
+        f"; {', '.join(rest)} not estimated" if rest else "",
+    )
+
+
+class Stages:
+    """RUN_DIR/stages.json: which stages finished, under which key, and how long they took.
+
+    `on_start(name)` runs when a stage starts (not when it is skipped): `reproduce` logs its estimate there.
+    """
+
+    def __init__(self, run: RunDir, on_start: Callable[[str], None] | None = None) -> None:
         self.path = run.root / "stages.json"
         self.state: dict[str, dict[str, Any]] = (
             json.loads(self.path.read_text()) if self.path.is_file() else {}
         )
+        self.on_start = on_start
 
     def done(self, name: str, key: str) -> bool:
         """Whether `name` finished under `key`."""
@@ -72,6 +155,8 @@ class Stages:
             print(f"[reproduce] {name}: up to date (skipped)", flush=True)
             return
         print(f"[reproduce] {name} ...", flush=True)
+        if self.on_start is not None:
+            self.on_start(name)
         start = time.perf_counter()
         fn()
         seconds = time.perf_counter() - start
@@ -106,10 +191,19 @@ def reproduce(
     run = RunDir(Path(out) if out else Path("runs") / ("quick" if quick else "default"))
     run.root.mkdir(parents=True, exist_ok=True)
     run.save_config(cfg)
-    stages = Stages(run)
+    started = time.perf_counter()
+    stages = Stages(run, lambda name: log_estimate(run, cfg, name, time.perf_counter() - started))
     data_model_train = (cfg.dataset.model_dump(), cfg.model.model_dump(), cfg.train.model_dump())
 
-    stages.run("train_ee", _key(data_model_train), lambda: train_model(run.root, cfg, "ee", resume=True))
+    def after_epoch(epoch: int) -> None:  # the first EE epoch makes the first estimate possible
+        if epoch == 1:
+            log_estimate(run, cfg, "train_ee", time.perf_counter() - started)
+
+    stages.run(
+        "train_ee",
+        _key(data_model_train),
+        lambda: train_model(run.root, cfg, "ee", resume=True, epoch_callback=after_epoch),
+    )
     stages.run(
         "train_conventional",
         _key(data_model_train, _model_hash(run, "ee") if cfg.train.conventional == "final_exit" else ""),

@@ -1,6 +1,6 @@
 """The cloud server: an HTTP front for the cloud runner (serving.cloud_runner), which does the work.
 
-Endpoints (every error is a JSON body {"detail": "<one line saying what was expected>"}):
+Endpoints (every error is a JSON body {"detail": "..."}, one line saying what was expected):
 
 - ``POST /v1/offload`` (application/octet-stream, a `wire.encode_payload` body): runs stages k+1.. and the
   final head on the tensor, calibrated with the final exit's temperature. Answers

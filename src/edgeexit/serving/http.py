@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from edgeexit.serving.docs import install_docs
+
 __all__ = [
     "TOKEN_ENV",
     "binary_body",
@@ -72,10 +74,15 @@ def bearer_auth(token: str | None) -> Callable[[Request], Awaitable[None]]:
 def new_app(
     title: str, description: str | None, token: str | None
 ) -> tuple[fastapi.FastAPI, fastapi.APIRouter]:
-    """A FastAPI app with one-line JSON errors and an open GET /healthz, and the router for its protected
-    routes (bearer token `token`, None: open); include the router once its routes are declared."""
-    app = fastapi.FastAPI(title=title, version="1", description=description or "")
+    """A FastAPI app with one-line JSON errors, an open GET /healthz, open API docs that need no internet
+    (/docs, /redoc, /openapi.json; see serving.docs), and the router for its protected routes (bearer token
+    `token`, None: open); include the router once its routes are declared. DocsAssetsMissing if the docs'
+    assets are not installed."""
+    app = fastapi.FastAPI(
+        title=title, version="1", description=description or "", docs_url=None, redoc_url=None
+    )
     install_error_handlers(app)
+    install_docs(app)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

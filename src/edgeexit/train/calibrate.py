@@ -29,11 +29,42 @@ from edgeexit.model.checkpoint import SPEC
 from edgeexit.rundir import RunDir, prepare_data
 from edgeexit.train.data import collect_logits, load_split_data
 
-__all__ = ["fit_temperature", "expected_calibration_error", "calibrate_run", "MODES"]
+__all__ = [
+    "fit_temperature",
+    "expected_calibration_error",
+    "calibrate_run",
+    "warn_wild_temperatures",
+    "MODES",
+]
 
 log = logging.getLogger(__name__)
 
 MODES = choices("calibration.mode")  # per_exit, global
+TEMPERATURE_RANGE = (0.01, 100.0)  # outside it a temperature says more about the model than about calibration
+
+
+def warn_wild_temperatures(temperatures: list[float], which: str = "ee") -> list[str]:
+    """Log (and return) a WARNING for every exit whose temperature is > 100 or < 0.01.
+
+    A huge temperature flattens the exit's probabilities to uniform (its logits carry almost no information:
+    a model at chance); a tiny one sharpens them to one-hot. Either usually means too little training.
+    """
+    low, high = TEMPERATURE_RANGE
+    messages = []
+    for i, t in enumerate(temperatures, start=1):
+        if low <= t <= high:
+            continue
+        name = "final" if i == len(temperatures) else str(i)
+        effect = (
+            "flattens its probabilities to uniform" if t > high else "sharpens its probabilities to one-hot"
+        )
+        messages.append(
+            f"{which} exit {name}: temperature {t:.4g} is outside [{low:g}, {high:g}] and {effect}; the exit "
+            "has probably not learned enough: train for more epochs (train.epochs) or check the data"
+        )
+    for m in messages:
+        log.warning("%s", m)
+    return messages
 
 
 def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -186,6 +217,7 @@ def _calibrate_model(
             row["ece_before"],
             row["ece_after"],
         )
+    warn_wild_temperatures(temps, which)
     spec.temperatures = temps
     spec.ensemble_weights = ens
     spec.exit_val_accuracy = acc

@@ -14,16 +14,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from edgeexit.config import TrainConfig
 from edgeexit.data import ImageDataset, Preprocessing, SplitImages, distort, load_uint8
 from edgeexit.errors import UserError
 from edgeexit.inference import batch_logits
+from edgeexit.progress import progress
 
 __all__ = [
     "SplitData",
     "load_split_data",
+    "drop_lone_last",
     "collect_logits",
     "augment",
     "seed_of",
@@ -72,6 +73,23 @@ def load_split_data(
     return SplitData(labels, lazy=SplitImages(ds, indices, prep), num_workers=num_workers)
 
 
+def drop_lone_last(order: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """`order` without its last position when that would make a last batch of exactly one sample.
+
+    BatchNorm cannot normalise a training batch of one (one value per channel after a global pool); every
+    other order is returned as it is, so batches and random draws stay those of a run without the rule.
+    """
+    n = order.numel()
+    if batch_size > 1 and n % batch_size == 1:
+        if n == 1:
+            raise UserError(
+                "the training split (per process) holds 1 image: BatchNorm needs batches of at least 2; "
+                "add images or use fewer processes"
+            )
+        return order[:-1]
+    return order
+
+
 def collect_logits(
     net: nn.Module,
     data: SplitData,
@@ -87,7 +105,7 @@ def collect_logits(
     chunks: list[list[torch.Tensor]] = []
     labels: list[torch.Tensor] = []
     n_batches = math.ceil(order.numel() / batch_size)
-    for x, y in tqdm(data.batches(order, batch_size), total=n_batches, desc=desc, disable=None, leave=False):
+    for x, y in progress(data.batches(order, batch_size), total=n_batches, desc=desc, unit="batch"):
         chunks.append([z.float().cpu() for z in batch_logits(net, prep, x.to(device))])
         labels.append(y)
     if not chunks:

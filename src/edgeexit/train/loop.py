@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from torch import nn
-from tqdm import tqdm
 
 from edgeexit.atomic import atomic_write_bytes
 from edgeexit.config import RunConfig, TrainConfig
@@ -37,10 +36,19 @@ from edgeexit.devices import resolve_device
 from edgeexit.errors import UserError
 from edgeexit.model import EarlyExitNet, ModelSpec, load_spec, new_model, save_checkpoint
 from edgeexit.model.checkpoint import WEIGHTS
+from edgeexit.progress import progress
 from edgeexit.rundir import RunDir, prepare_data
 from edgeexit.train import distributed as ddp
 from edgeexit.train.conventional import conventional_from_final_exit
-from edgeexit.train.data import SplitData, augment, collect_logits, generator, load_split_data, seed_of
+from edgeexit.train.data import (
+    SplitData,
+    augment,
+    collect_logits,
+    drop_lone_last,
+    generator,
+    load_split_data,
+    seed_of,
+)
 from edgeexit.train.state import (
     TrainState,
     check_resumable,
@@ -51,7 +59,7 @@ from edgeexit.train.state import (
     restore_state,
 )
 
-__all__ = ["train_model"]
+__all__ = ["train_model", "warn_chance_accuracy", "exit_name"]
 
 log = logging.getLogger(__name__)
 log.addFilter(ddp.MainRankOnly())
@@ -262,23 +270,31 @@ def _train(
     model = ddp.wrap(net, info, device)
     per_rank_batch = max(1, t.batch_size // info.world_size)  # keep the global batch size of the config
     record = {"config": fingerprint(cfg), "num_classes": num_classes, "which": which}
+    dropped_logged = False
 
     while not st.done(t):
         epoch = st.epoch + 1
         started = time.perf_counter()
         _seed_globals(seed_of(t.seed, epoch, info.rank, 0))
         order = ddp.shard(torch.randperm(len(train_data), generator=generator(t.seed, epoch, 0, 1)), info)
+        kept = drop_lone_last(order, per_rank_batch)  # BatchNorm cannot train on a batch of one
+        if kept.numel() < order.numel() and not dropped_logged:
+            dropped_logged = True
+            log.info(
+                "each epoch drops its last training batch: it would hold 1 sample, too few for BatchNorm"
+            )
+        order = kept
         gen = generator(t.seed, epoch, info.rank, 2)
         lr = opt.param_groups[0]["lr"]
         model.train()
         loss_sum = torch.zeros(2, dtype=torch.float64)
         n_batches = math.ceil(order.numel() / per_rank_batch)
-        bar = tqdm(
+        bar = progress(
             train_data.batches(order, per_rank_batch),
             total=n_batches,
             desc=f"{which} epoch {epoch}/{t.epochs}",
-            disable=None if info.is_main else True,
-            leave=False,
+            unit="batch",
+            enabled=info.is_main,
         )
         for x, y in bar:
             x = augment(x.to(device), ds.name, t, levels, gen)
@@ -344,6 +360,26 @@ def _train(
     return _finish(job, net, spec, st, best_state, opt, sched, record)
 
 
+def exit_name(i: int, num_exits: int) -> str:
+    """The name of exit `i` (1-based) among `num_exits`: its number, or "final" for the last."""
+    return "final" if i == num_exits else str(i)
+
+
+def warn_chance_accuracy(accuracy: list[float], num_classes: int, what: str = "accuracy") -> list[str]:
+    """Log (and return) a WARNING for every exit whose accuracy is at or near chance: <= 1.5 / num_classes."""
+    limit = 1.5 / num_classes
+    messages = [
+        f"{what} of exit {exit_name(i, len(accuracy))} is {a:.4f}, at or near chance (1/{num_classes} = "
+        f"{1 / num_classes:.4f}): the model has barely learned; train for more epochs (train.epochs) "
+        "or check the data"
+        for i, a in enumerate(accuracy, start=1)
+        if a <= limit
+    ]
+    for m in messages:
+        log.warning("%s", m)
+    return messages
+
+
 def _finish(
     job: _Job,
     net: EarlyExitNet,
@@ -370,6 +406,7 @@ def _finish(
         "train_seconds": round(st.train_seconds, 3),
     }
     log.info("%s test accuracy per exit: %s", job.which, " ".join(f"{a:.4f}" for a in test_acc))
+    warn_chance_accuracy(test_acc, spec.num_classes, f"{job.which} test accuracy")
     if job.info.is_main:
         save_checkpoint(out_dir, net, spec)
         st.finished = True
