@@ -113,10 +113,9 @@ def log_estimate(run: RunDir, cfg: RunConfig, current: str, elapsed: float) -> N
         est = dict.fromkeys(names)
     known = {n: v for n, v in est.items() if v is not None}
     if not known:
+        why = "not estimated" if current == "online" else "an estimate comes after the EE-DNN's first epoch"
         log.info(
-            "reproduce: %s elapsed; remaining stages %s (an estimate comes after the EE-DNN's first epoch)",
-            format_interval(elapsed),
-            ", ".join(names),
+            "reproduce: %s elapsed; remaining stages %s (%s)", format_interval(elapsed), ", ".join(names), why
         )
         return
     parts = ", ".join(f"{n} {format_interval(v)}" for n, v in known.items())
