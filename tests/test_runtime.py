@@ -11,7 +11,7 @@ from tinyrun import tiny_images
 
 from edgeexit.config import RunConfig
 from edgeexit.errors import UserError
-from edgeexit.inference import calibrate, exit_probabilities
+from edgeexit.inference import exit_probabilities
 from edgeexit.model import load_checkpoint
 from edgeexit.runtime import RUNTIMES, Runtime, TorchRuntime, load_runtime
 from edgeexit.serving.cloud_runner import CloudRunner
@@ -87,15 +87,19 @@ def test_the_cloud_on_another_backend_finishes_alike(tiny_run: tuple[Path, RunCo
     assert ("conventional",) in cloud.runtime.calls and 0 <= label < spec.num_classes and 0 < conf <= 1
 
 
-def test_calibration_is_the_cores_whatever_the_backend(tiny_run: tuple[Path, RunConfig]) -> None:
-    root, _ = tiny_run
-    rt = load_runtime(root, "test-delegating")
-    x = torch.randn(2, 3, 32, 32)
-    h, logits = rt.edge_stage(1, x)
-    t = rt.spec.temperature(1)
-    assert t is not None and t != 1.0
-    torch.testing.assert_close(calibrate(logits, t), torch.softmax(logits / t, dim=-1))
-    assert h.shape[1:] == torch.Size(rt.costs.split_shapes[0])
+def test_the_runner_applies_each_exits_temperature_once(tiny_run: tuple[Path, RunConfig]) -> None:
+    # The runtime returns raw logits; the answer's confidence is softmax(logits / T_i) of the exit it stopped at.
+    root, cfg = tiny_run
+    _, images = tiny_images(root, cfg, 8)
+    runner = load_runner(root, strategy="ee", alpha=0.0, runtime="test-delegating")  # stops at exit 1
+    temperature = runner.spec.temperature(1)
+    assert temperature is not None and temperature != 1.0  # the check would pass vacuously at T = 1
+    for x in images:
+        answer = runner.classify_uint8(x)
+        _, logits = runner.runtime.edge_stage(1, runner.spec.preprocessing.normalize(x).unsqueeze(0))
+        want = torch.softmax(logits / temperature, dim=-1).max()
+        assert answer.exit == 1 and answer.confidence == pytest.approx(float(want), abs=1e-6)
+        assert answer.confidence != pytest.approx(float(torch.softmax(logits, dim=-1).max()), abs=1e-3)
 
 
 def test_runners_by_role(tiny_run: tuple[Path, RunConfig]) -> None:
