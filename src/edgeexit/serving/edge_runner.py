@@ -18,6 +18,7 @@ import logging
 import math
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ def _check_k(k: Any, n: int) -> int:
     return int(k)
 
 
-class Runner:
+class Runner(ABC):
     """What every edge runner shares: the runtime, k, the wire precision, the cloud client, the MACs per exit."""
 
     strategy: str
@@ -167,16 +168,16 @@ class Runner:
 
     # --- classification ------------------------------------------------------------------------------------
 
+    @abstractmethod
     def classify_image(self, data: bytes) -> EdgeAnswer:
         """Classify encoded image bytes (PNG or JPEG); the timer starts now, with the bytes in hand.
 
         Bytes that are not a decodable PNG/JPEG raise ImageRejected (a UserError with an HTTP status).
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def classify_uint8(self, x: torch.Tensor) -> EdgeAnswer:
         """Classify one uint8 [3, S, S] image at the model's input size S."""
-        raise NotImplementedError
 
     def _check_uint8(self, x: torch.Tensor) -> None:
         s = self.spec.input_size
