@@ -62,6 +62,8 @@ BAD_VALUES = [
     ("calibration.max_iter", 0, "config calibration.max_iter: must be >= 1, got 0"),
     ("link.rtt_ms", -1, "config link.rtt_ms: must be >= 0, got -1"),
     ("link.bandwidth_mbit", 0, "config link.bandwidth_mbit: must be > 0, got 0"),
+    ("runtime.threads", 0, "config runtime.threads: must be >= 1, got 0"),
+    ("runtime.backend", "tensorrt", "config runtime.backend: must be one of"),
     ("dataset.input_size", 0, "config dataset.input_size: must be >= 1, got 0"),
     ("model.branches", 0, "config model.branches: must be >= 1, got 0"),
     # types: strict integers and booleans; numbers are not strings
@@ -185,7 +187,7 @@ def test_unknown_keys_name_the_accepted_ones() -> None:
     with pytest.raises(UserError) as exc:
         RunConfig.from_dict({"trian": {}})
     assert _one_line(exc) == (
-        "unknown config table [trian]; accepted: dataset, model, train, calibration, experiment, link"
+        "unknown config table [trian]; accepted: dataset, model, train, calibration, experiment, link, runtime"
     )
     cfg = default_config()
     with pytest.raises(UserError, match=f"unknown config key train.foo; accepted: {TRAIN_KEYS}"):
@@ -206,7 +208,7 @@ def test_defaults_round_trip_copy_and_assignment(tmp_path: Path) -> None:
     for name in ("cifar10.toml", "caltech256-paper.toml"):
         load_config(REPO / "configs" / name)  # every shipped config is valid
     data = json.loads(json.dumps(cfg.to_dict()))
-    assert set(data) == {"dataset", "model", "train", "calibration", "experiment", "link"}
+    assert set(data) == {"dataset", "model", "train", "calibration", "experiment", "link", "runtime"}
     assert RunConfig.from_dict(data) == cfg
     other = copy.deepcopy(cfg)
     other.train.epochs = 2

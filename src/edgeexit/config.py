@@ -1,6 +1,7 @@
 """Run configuration: pydantic models with the paper's settings as defaults, loaded from TOML, validated once.
 
-A config file has one table per section ([dataset], [model], [train], [calibration], [experiment], [link]);
+A config file has one table per section ([dataset], [model], [train], [calibration], [experiment], [link],
+[runtime]);
 any key left out keeps its default. Every value is checked when a config is built (from a file, a dict or
 command-line overrides) and when a field is assigned; a bad value or unknown key raises a one-line UserError
 that names `section.key` and, where it applies, the accepted values. Names of datasets, backbones, heads,
@@ -42,6 +43,7 @@ __all__ = [
     "CalibrationConfig",
     "ExperimentConfig",
     "LinkConfig",
+    "RuntimeConfig",
     "RunConfig",
     "load_config",
     "default_config",
@@ -210,6 +212,16 @@ class LinkConfig(_Model):
     cloud_url: StrictStr | None = None  # a real remote cloud server instead of a local one
 
 
+class RuntimeConfig(_Model):
+    """How inference runs: the backend that serves the online run, and CPU threads (see edgeexit.threads)."""
+
+    _section: ClassVar[str] = "runtime"
+    backend: Literal["torch", "onnx"] = "torch"  # the edge runner's and cloud server's runtime (online run)
+    # intra-op threads of training, calibration and the sweep; None: torch's default (one per physical core).
+    # The servers of the online run use edgeexit.threads.SERVER_THREADS each.
+    threads: Count | None = None
+
+
 class RunConfig(_Model):
     """One whole run: every section."""
 
@@ -219,6 +231,7 @@ class RunConfig(_Model):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
     link: LinkConfig = Field(default_factory=LinkConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @model_validator(mode="after")
     def _across_fields(self) -> RunConfig:

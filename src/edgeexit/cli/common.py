@@ -112,6 +112,31 @@ def probability(text: str) -> float:
     return value
 
 
+def add_threads_flag(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup, default: int | None = None
+) -> None:
+    """`--threads N`: intra-op CPU threads of this process (checked by `edgeexit.threads.check_threads`)."""
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=default,
+        metavar="N",
+        help=f"CPU threads per process (default: {default or 'one per physical core'}); see edgeexit.threads",
+    )
+
+
+def add_runtime_flag(p: argparse.ArgumentParser, *, default: str | None, help: str) -> None:
+    """`--runtime torch|onnx`: the backend that runs the model's pieces (edgeexit.runtime.RUNTIMES)."""
+    add_choice(p, "--runtime", default=default, names="runtime.backend", help=help)
+
+
+def set_threads(n: int | None) -> None:
+    """Apply a command's thread count (None: torch's default) before it computes."""
+    from edgeexit.threads import set_threads as apply
+
+    apply(n)
+
+
 def add_set_flag(p: argparse.ArgumentParser) -> None:
     """`--set section.key=value`, repeatable; the value is read as TOML (a bare word stays a string)."""
     p.add_argument(

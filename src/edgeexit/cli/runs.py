@@ -7,7 +7,16 @@ import json
 import os
 from pathlib import Path
 
-from edgeexit.cli.common import add_choice, add_set_flag, apply_overrides, command, run_config
+from edgeexit.cli.common import (
+    add_choice,
+    add_runtime_flag,
+    add_set_flag,
+    add_threads_flag,
+    apply_overrides,
+    command,
+    run_config,
+    set_threads,
+)
 from edgeexit.errors import UserError
 
 # --- inspect -----------------------------------------------------------------------------------------------
@@ -63,12 +72,14 @@ TRAIN_SHORTCUTS = {
     "conventional": "train.conventional",
     "epochs": "train.epochs",
     "device": "train.device",
+    "threads": "runtime.threads",
 }
 
 
 @command("train")
 def run_train(args: argparse.Namespace) -> None:
     cfg = run_config(args, TRAIN_SHORTCUTS)  # validated before the training stack is imported
+    set_threads(cfg.runtime.threads)
 
     from edgeexit.train.loop import train_model
 
@@ -100,6 +111,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     add_choice(g, "--head", names="head", help="model.head: exit head type")
     add_choice(g, "--conventional", names="train.conventional", help="how the conventional DNN is made")
     add_choice(g, "--device", names="train.device", help="train.device")
+    add_threads_flag(g)
     add_set_flag(p)
 
 
@@ -108,7 +120,8 @@ def run_calibrate(args: argparse.Namespace) -> None:
     from edgeexit.rundir import RunDir
 
     run = RunDir(Path(args.run_dir))
-    cfg = apply_overrides(run.load_config(), args, {"mode": "calibration.mode"})
+    cfg = apply_overrides(run.load_config(), args, {"mode": "calibration.mode", "threads": "runtime.threads"})
+    set_threads(cfg.runtime.threads)
 
     from edgeexit.train.calibrate import calibrate_run
 
@@ -120,6 +133,7 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="fit temperatures on the validation split; ensemble weights")
     p.add_argument("run_dir", metavar="RUN_DIR")
     add_choice(p, "--mode", names="calibration.mode", help="one temperature per exit (default) or one global")
+    add_threads_flag(p)
     add_set_flag(p)
 
 
@@ -131,6 +145,7 @@ EVALUATE_SHORTCUTS = {
     "alphas": "experiment.alphas",
     "edge_branches": "experiment.edge_branches",
     "strategies": "experiment.strategies",
+    "threads": "runtime.threads",
 }
 
 
@@ -140,6 +155,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
     run = RunDir(Path(args.run_dir))
     cfg = apply_overrides(run.load_config(), args, EVALUATE_SHORTCUTS)
+    set_threads(cfg.runtime.threads)
 
     from edgeexit.evaluate.aggregate import format_summary
     from edgeexit.evaluate.sweep import evaluate_run
@@ -158,13 +174,15 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--alphas", type=float, nargs="+", help="experiment.alphas: confidence thresholds")
     g.add_argument("--edge-branches", type=int, nargs="+", help="experiment.edge_branches: values of k")
     add_choice(g, "--strategies", nargs="+", names="strategy", help="experiment.strategies")
+    add_threads_flag(g)
     add_set_flag(p)
     p.add_argument("--limit", type=int, help="only the first N test images")
 
 
 @command("reproduce")
 def run_reproduce(args: argparse.Namespace) -> None:
-    cfg = run_config(args, {})
+    cfg = run_config(args, {"threads": "runtime.threads", "runtime": "runtime.backend"})
+    set_threads(cfg.runtime.threads)
 
     from edgeexit.experiment.pipeline import reproduce
 
@@ -181,4 +199,6 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", help="run directory (default: runs/default, or runs/quick with --quick)")
     p.add_argument("--quick", action="store_true", help="a fast smoke run (about two minutes on 2 CPU cores)")
+    add_runtime_flag(p, default=None, help="runtime.backend: the online run's edge and cloud runtime")
+    add_threads_flag(p)
     add_set_flag(p)

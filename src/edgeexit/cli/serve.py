@@ -6,7 +6,18 @@ import argparse
 import json
 from pathlib import Path
 
-from edgeexit.cli.common import add_choice, command, probability
+from edgeexit.cli.common import add_choice, add_runtime_flag, add_threads_flag, command, probability
+from edgeexit.serving.batcher import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS
+
+# Servers and the edge runner: one intra-op thread per process (edgeexit.threads.SERVER_THREADS); the
+# default backend is the one that measured fastest for them (BENCHMARKS.md).
+SERVING_THREADS = 1
+SERVING_RUNTIME = "torch"
+
+
+def _add_serving_runtime(p: argparse.ArgumentParser) -> None:
+    add_runtime_flag(p, default=SERVING_RUNTIME, help=f"model runtime (default: {SERVING_RUNTIME})")
+    add_threads_flag(p, default=SERVING_THREADS)
 
 
 @command("serve-cloud")
@@ -20,6 +31,10 @@ def run_serve_cloud(args: argparse.Namespace) -> None:
         workers=args.workers,
         token=args.token,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        runtime=args.runtime,
+        threads=args.threads,
     )
 
 
@@ -33,6 +48,22 @@ def add_serve_cloud(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--token", default=None, help="require this bearer token (or set EDGEEXIT_TOKEN)")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body accepted (MiB)")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=DEFAULT_MAX_BATCH,
+        metavar="N",
+        help=f"most samples the server runs as one forward, gathered from concurrent requests (default: "
+        f"{DEFAULT_MAX_BATCH}; 1 turns batching off)",
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=DEFAULT_MAX_WAIT_MS,
+        metavar="T",
+        help=f"longest a request waits for others to join its batch (default: {DEFAULT_MAX_WAIT_MS} ms)",
+    )
+    _add_serving_runtime(p)
 
 
 def _add_policy_flags(p: argparse.ArgumentParser) -> None:
@@ -60,6 +91,8 @@ def run_serve_edge(args: argparse.Namespace) -> None:
         port=args.port,
         token=args.token,
         cloud_token=args.cloud_token,
+        runtime=args.runtime,
+        threads=args.threads,
     )
 
 
@@ -71,12 +104,15 @@ def add_serve_edge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--token", default=None, help="require this bearer token from clients")
+    _add_serving_runtime(p)
 
 
 @command("classify")
 def run_classify(args: argparse.Namespace) -> None:
     from edgeexit.serving.edge_runner import classify_files, load_runner
+    from edgeexit.threads import set_threads
 
+    set_threads(args.threads)
     runner = load_runner(
         Path(args.run),
         strategy=args.strategy,
@@ -85,6 +121,7 @@ def run_classify(args: argparse.Namespace) -> None:
         cloud_url=args.cloud,
         precision=args.precision,
         token=args.cloud_token,
+        runtime=args.runtime,
     )
     for path, answer in zip(args.images, classify_files([Path(p) for p in args.images], runner), strict=True):
         if args.json:
@@ -107,6 +144,7 @@ def add_classify(sub: argparse._SubParsersAction) -> None:
     )
     _add_policy_flags(p)
     p.add_argument("--json", action="store_true", help="one JSON object per image")
+    _add_serving_runtime(p)
 
 
 @command("link")

@@ -34,6 +34,7 @@ from edgeexit.experiment.report import Section, findings_table, write_report
 from edgeexit.experiment.servers import cloud_server_process
 from edgeexit.model.checkpoint import load_spec
 from edgeexit.rundir import RunDir
+from edgeexit.threads import SERVER_THREADS, threads_for
 
 __all__ = ["reproduce", "quick_config", "Stages", "estimate_stages", "log_estimate"]
 
@@ -237,15 +238,21 @@ def reproduce(
 
 
 def _online(run: RunDir, cfg: RunConfig) -> None:
+    """The online stage, its edge runner computing like a deployed one (edgeexit.threads.SERVER_THREADS)."""
+    with threads_for(SERVER_THREADS):
+        _online_run(run, cfg)
+
+
+def _online_run(run: RunDir, cfg: RunConfig) -> None:
     from edgeexit.serving.link import LinkSpec, run_link_in_thread
     from edgeexit.serving.probe import probe_link
 
     if cfg.link.cloud_url:  # a real remote cloud: measure the real link
         measurement = probe_link(cfg.link.cloud_url)
         _write_link(run, cfg, measurement, emulated=False)
-        run_online(run.root, cfg, cfg.link.cloud_url)
+        run_online(run.root, cfg, cfg.link.cloud_url, runtime=cfg.runtime.backend)
         return
-    with cloud_server_process(run.root) as url:
+    with cloud_server_process(run.root, runtime=cfg.runtime.backend) as url:
         target = url.removeprefix("http://")
         if cfg.link.emulate:
             spec = LinkSpec(rtt_ms=cfg.link.rtt_ms, bandwidth_mbit=cfg.link.bandwidth_mbit)
@@ -253,12 +260,12 @@ def _online(run: RunDir, cfg: RunConfig) -> None:
             try:
                 url = f"http://127.0.0.1:{link.port}"
                 _write_link(run, cfg, probe_link(url), emulated=True)
-                run_online(run.root, cfg, url)
+                run_online(run.root, cfg, url, runtime=cfg.runtime.backend)
             finally:
                 link.close()
         else:
             _write_link(run, cfg, probe_link(url), emulated=False)
-            run_online(run.root, cfg, url)
+            run_online(run.root, cfg, url, runtime=cfg.runtime.backend)
 
 
 def _write_link(run: RunDir, cfg: RunConfig, measurement: Any, emulated: bool) -> None:

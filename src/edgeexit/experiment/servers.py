@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -42,9 +42,17 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def cloud_server_process(
-    run_dir: Path, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 120.0, attempts: int = 3
+    run_dir: Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    startup_timeout: float = 120.0,
+    attempts: int = 3,
+    *,
+    runtime: str = "torch",
+    extra_args: Sequence[str] = (),
 ) -> Iterator[str]:
-    """Run `edgeexit serve-cloud RUN_DIR` in a subprocess until the block ends; yields its base URL.
+    """Run `edgeexit serve-cloud RUN_DIR --runtime RUNTIME [extra_args]` in a subprocess until the block ends;
+    yields its base URL.
 
     Port 0 picks a free port (and retries with another if it was taken meanwhile). The server's output goes
     to RUN_DIR/cloud_server.log. The server is stopped on exit, on Ctrl-C and on error.
@@ -63,6 +71,9 @@ def cloud_server_process(
             host,
             "--port",
             str(chosen),
+            "--runtime",
+            runtime,
+            *extra_args,
         ]
         log.info("starting cloud server: %s", " ".join(cmd))
         with open(log_path, "ab") as log_file:  # the child keeps its own descriptor
@@ -71,10 +82,8 @@ def cloud_server_process(
         try:
             deadline = time.monotonic() + startup_timeout
             while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    last_error = (
-                        (proc.stderr.read() or b"").decode(errors="replace").strip().splitlines()[-1:]
-                    )
+                if proc.poll() is not None:  # its last log line says why (output goes to the log file)
+                    last_error = log_path.read_text(errors="replace").strip().splitlines()[-1:]
                     break
                 try:
                     if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:

@@ -4,9 +4,10 @@ Endpoints (every error is a JSON body {"detail": "..."}, one line saying what wa
 
 - ``POST /v1/offload`` (application/octet-stream, a `wire.encode_payload` body): runs stages k+1.. and the
   final head on the tensor, calibrated with the final exit's temperature. Answers
-  {label, class_name, confidence, server_ms, request_id, model_hash, k}. A payload may hold a batch
+  {label, class_name, confidence, server_ms, request_id, model_hash, k, batch}. A payload may hold a batch
   [B, *split_shape(k)] with 1 <= B <= max_batch: for B == 1 label, class_name and confidence are scalars,
-  for B > 1 they are lists of B values (one per row, in order).
+  for B > 1 they are lists of B values (one per row, in order). `batch` is the rows of the forward pass that
+  answered it, this request's and others'.
 - ``POST /v1/classify`` (image/png or image/jpeg): the conventional DNN decodes, preprocesses (its spec's
   Preprocessing) and classifies the image; same answer shape with k = 0 (503 if the run has no conventional DNN).
 - ``GET /healthz``, ``GET /v1/model`` (specs, hashes, accepted k, split shapes, precisions) and the link-probe
@@ -15,21 +16,29 @@ Endpoints (every error is a JSON body {"detail": "..."}, one line saying what wa
 Status codes: 400 malformed payload or undecodable image, 401 missing bearer token (when one is configured;
 /healthz stays open), 409 model hash mismatch, 413 body too large (refused from Content-Length before
 reading, or as soon as a chunked body passes the limit), 415 wrong Content-Type or image format, 422 a
-well-formed payload this model cannot take (k, shape, dtype, batch size, NaN/Inf), 503 no conventional DNN.
+well-formed payload this model cannot take (k, shape, dtype, batch size, NaN/Inf), 500 the forward pass of
+this request's batch failed (the detail names the request id; the server goes on serving), 503 no
+conventional DNN.
+
+Concurrent requests are answered from shared forward passes (`serving.batcher`): offloads with the same k
+together, classifications together, up to --max-batch rows; each answer says how many rows its batch had.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 import uuid
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
 import fastapi
+import torch
 import uvicorn
-from fastapi import Request
+from fastapi import Request, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
@@ -37,6 +46,13 @@ from edgeexit.errors import UserError
 from edgeexit.model.checkpoint import load_spec
 from edgeexit.rundir import RunDir
 from edgeexit.serving import wire
+from edgeexit.serving.batcher import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_WAIT_MS,
+    Batcher,
+    BatchFailed,
+    check_batching,
+)
 from edgeexit.serving.cloud_runner import CloudRunner
 from edgeexit.serving.http import (
     binary_body,
@@ -49,7 +65,8 @@ from edgeexit.serving.http import (
 )
 from edgeexit.serving.images import IMAGE_TYPES, ImageRejected, decode_image
 from edgeexit.serving.probe import probe_router
-from edgeexit.serving.server import check_port_free
+from edgeexit.serving.server import check_port_free, uvicorn_options
+from edgeexit.threads import SERVER_THREADS, check_threads, set_threads
 
 __all__ = ["create_cloud_app", "serve_cloud", "app_from_env", "DEFAULT_MAX_BODY"]
 
@@ -59,7 +76,9 @@ DEFAULT_MAX_BODY = 64 << 20
 _ENV_RUN_DIR = "EDGEEXIT_CLOUD_RUN_DIR"
 _ENV_MAX_BODY = "EDGEEXIT_CLOUD_MAX_BODY"
 _ENV_MAX_BATCH = "EDGEEXIT_CLOUD_MAX_BATCH"
+_ENV_MAX_WAIT = "EDGEEXIT_CLOUD_MAX_WAIT_MS"
 _ENV_RUNTIME = "EDGEEXIT_CLOUD_RUNTIME"
+_ENV_THREADS = "EDGEEXIT_CLOUD_THREADS"
 
 
 class Answer(BaseModel):
@@ -72,6 +91,13 @@ class Answer(BaseModel):
     request_id: str
     model_hash: str
     k: int
+    batch: int = 1  # rows in the forward pass that answered this request (dynamic batching)
+
+
+def _answer(**fields: Any) -> Response:
+    """An `Answer` as JSON, built directly: FastAPI's validation of a returned model costs more than the
+    route's own work on small answers (the fields here are already the right types)."""
+    return Response(json.dumps(fields, separators=(",", ":")).encode(), media_type="application/json")
 
 
 def _check_payload(models: CloudRunner, p: wire.OffloadPayload, max_batch: int) -> None:
@@ -100,22 +126,40 @@ def create_cloud_app(
     *,
     token: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
-    max_batch: int = 64,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     models: CloudRunner | None = None,
     runtime: str = "torch",
 ) -> fastapi.FastAPI:
     """The cloud ASGI app for RUN_DIR (models loaded once, here, in `runtime`); `token` None falls back to
     $EDGEEXIT_TOKEN.
 
-    `models` lets several apps share already loaded models (the run directory is then not read).
+    Concurrent requests are batched (serving.batcher): up to `max_batch` rows per forward, a batch held up to
+    `max_wait_ms` for more. `models` lets several apps share already loaded models (the run directory is then
+    not read).
     """
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise UserError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise UserError(f"max_batch must be a positive integer, got {max_batch!r}")
+    check_batching(max_batch, max_wait_ms)
     m = models if models is not None else CloudRunner.load(Path(run_dir), runtime)
     token = resolve_token(token)
     app, api = new_app("edgeexit cloud server", __doc__, token)
+
+    def run_batch(key: Hashable, items: list[torch.Tensor]) -> list[tuple[Any, float, int]]:
+        """One forward for a batch of requests: per request (its result, the batch's ms, the batch's rows)."""
+        t0 = time.perf_counter()
+        if key[0] == "offload":  # type: ignore[index]
+            results: list[Any] = m.finish_many(key[1], items)  # type: ignore[index]
+            rows = sum(t.shape[0] for t in items)
+        else:
+            results, rows = m.classify_many(items), len(items)
+        ms = (time.perf_counter() - t0) * 1e3
+        return [(r, ms, rows) for r in results]
+
+    batcher: Batcher[torch.Tensor, tuple[Any, float, int]] = Batcher(
+        run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms
+    )
+    app.state.batcher = batcher
 
     @api.get("/v1/model", responses=error_responses(401))
     async def model() -> dict[str, Any]:
@@ -126,9 +170,9 @@ def create_cloud_app(
         "/v1/offload",
         response_model=Answer,
         openapi_extra=binary_body("application/octet-stream"),
-        responses=error_responses(400, 401, 409, 413, 415, 422),
+        responses=error_responses(400, 401, 409, 413, 415, 422, 500),
     )
-    async def offload(request: Request) -> Answer:
+    async def offload(request: Request) -> Response:
         """Finish an offloaded inference: the body is a safetensors payload (`edgeexit.serving.wire`)."""
         check_content_type(request, ("application/octet-stream",), allow_missing=True)
         body = await read_body(request, max_body_bytes)
@@ -139,12 +183,10 @@ def create_cloud_app(
         except wire.PayloadError as exc:
             raise error(400, str(exc)) from None
         _check_payload(m, p, max_batch)
-        t0 = time.perf_counter()
-        labels, confs = await run_in_threadpool(m.finish, p.tensor, p.k)
-        server_ms = (time.perf_counter() - t0) * 1e3
+        (labels, confs), server_ms, rows = await _batched(("offload", p.k), p.tensor, p.request_id)
         names = [m.ee_spec.class_names[i] for i in labels]
         one = len(labels) == 1
-        return Answer(
+        return _answer(
             label=labels[0] if one else labels,
             class_name=names[0] if one else names,
             confidence=confs[0] if one else confs,
@@ -152,15 +194,16 @@ def create_cloud_app(
             request_id=p.request_id,
             model_hash=m.ee_hash,
             k=p.k,
+            batch=rows,
         )
 
     @api.post(
         "/v1/classify",
         response_model=Answer,
         openapi_extra=binary_body(*IMAGE_TYPES),
-        responses=error_responses(400, 401, 413, 415, 503),
+        responses=error_responses(400, 401, 413, 415, 500, 503),
     )
-    async def classify(request: Request) -> Answer:
+    async def classify(request: Request) -> Response:
         """Classify a PNG or JPEG image with the conventional DNN (the paper's cloud-only baseline)."""
         if m.conv_spec is None:
             raise error(
@@ -170,26 +213,31 @@ def create_cloud_app(
         body = await read_body(request, max_body_bytes)
         request_id = request.headers.get("x-request-id", "")[:100] or uuid.uuid4().hex
         conv_spec = m.conv_spec
-
-        def work() -> tuple[int, float, float]:
-            t0 = time.perf_counter()
-            x = conv_spec.preprocessing.to_uint8(decode_image(body))
-            label, conf = m.classify(x)
-            return label, conf, (time.perf_counter() - t0) * 1e3
-
+        t0 = time.perf_counter()
         try:
-            label, conf, server_ms = await run_in_threadpool(work)
+            x = await run_in_threadpool(lambda: conv_spec.preprocessing.to_uint8(decode_image(body)))
         except ImageRejected as exc:
             raise error(exc.status, str(exc)) from None
-        return Answer(
+        decode_ms = (time.perf_counter() - t0) * 1e3
+        (label, conf), server_ms, rows = await _batched(("classify",), x, request_id)
+        return _answer(
             label=label,
             class_name=conv_spec.class_names[label],
             confidence=conf,
-            server_ms=server_ms,
+            server_ms=decode_ms + server_ms,
             request_id=request_id,
             model_hash=conv_spec.content_hash,
             k=0,
+            batch=rows,
         )
+
+    async def _batched(key: tuple, item: torch.Tensor, request_id: str) -> tuple[Any, float, int]:
+        """(this request's result, the batch's compute ms, rows in the batch); 500 naming the request id
+        when its batch failed."""
+        try:
+            return await batcher.submit(key, item, rows=item.shape[0] if key[0] == "offload" else 1)
+        except BatchFailed as exc:
+            raise error(500, f"request {request_id[:100]}: {exc}") from None
 
     api.include_router(probe_router)  # behind the same token
     app.include_router(api)
@@ -201,10 +249,12 @@ def app_from_env() -> fastapi.FastAPI:
     run_dir = os.environ.get(_ENV_RUN_DIR)
     if not run_dir:
         raise UserError(f"set {_ENV_RUN_DIR} to the run directory (serve_cloud does this)")
+    set_threads(int(os.environ.get(_ENV_THREADS, SERVER_THREADS)))
     return create_cloud_app(
         Path(run_dir),
         max_body_bytes=int(os.environ.get(_ENV_MAX_BODY, DEFAULT_MAX_BODY)),
-        max_batch=int(os.environ.get(_ENV_MAX_BATCH, 64)),
+        max_batch=int(os.environ.get(_ENV_MAX_BATCH, DEFAULT_MAX_BATCH)),
+        max_wait_ms=float(os.environ.get(_ENV_MAX_WAIT, DEFAULT_MAX_WAIT_MS)),
         runtime=os.environ.get(_ENV_RUNTIME, "torch"),
     )
 
@@ -217,30 +267,48 @@ def serve_cloud(
     workers: int = 1,
     token: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
-    max_batch: int = 64,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     runtime: str = "torch",
+    threads: int = SERVER_THREADS,
 ) -> None:
-    """Run the cloud server with uvicorn until interrupted; workers > 1 starts that many processes."""
+    """Run the cloud server with uvicorn until interrupted; workers > 1 starts that many processes, each with
+    `threads` intra-op threads."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise UserError(f"workers must be an integer >= 1, got {workers!r}")
     if not 0 <= port <= 65535:
         raise UserError(f"port must be in 0..65535, got {port}")
+    check_threads(threads)
+    check_batching(max_batch, max_wait_ms)
     check_port_free(host, port)
     run_dir = Path(run_dir)
     if workers == 1:
+        set_threads(threads)
         app = create_cloud_app(
-            run_dir, token=token, max_body_bytes=max_body_bytes, max_batch=max_batch, runtime=runtime
+            run_dir,
+            token=token,
+            max_body_bytes=max_body_bytes,
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            runtime=runtime,
         )
-        uvicorn.run(app, host=host, port=port)
+        uvicorn.run(app, host=host, port=port, **uvicorn_options())
         return
     load_spec(RunDir(run_dir).ee)  # fail here, once, rather than in every worker
     # Workers are separate processes that import the app: they read the settings from the environment.
     os.environ[_ENV_RUN_DIR] = str(run_dir.resolve())
     os.environ[_ENV_MAX_BODY] = str(max_body_bytes)
     os.environ[_ENV_MAX_BATCH] = str(max_batch)
+    os.environ[_ENV_MAX_WAIT] = str(max_wait_ms)
     os.environ[_ENV_RUNTIME] = runtime
+    os.environ[_ENV_THREADS] = str(threads)
     if token is not None:
         os.environ["EDGEEXIT_TOKEN"] = token
     uvicorn.run(
-        "edgeexit.serving.cloud_app:app_from_env", factory=True, host=host, port=port, workers=workers
+        "edgeexit.serving.cloud_app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        **uvicorn_options(),
     )

@@ -62,13 +62,28 @@ class CloudRunner:
             conf, label = calibrate(logits, self.ee_spec.temperature(self.ee_spec.num_exits)).max(dim=1)
         return label.tolist(), conf.to(torch.float32).tolist()
 
+    def finish_many(self, k: int, tensors: list[torch.Tensor]) -> list[tuple[list[int], list[float]]]:
+        """`finish` on several requests' tensors (each [B_i, *split_shape(k)]) as one forward; per request."""
+        labels, confs = self.finish(tensors[0] if len(tensors) == 1 else torch.cat(tensors), k)
+        out, start = [], 0
+        for t in tensors:
+            end = start + t.shape[0]
+            out.append((labels[start:end], confs[start:end]))
+            start = end
+        return out
+
     def classify(self, x_uint8: torch.Tensor) -> tuple[int, float]:
         """The conventional DNN on one uint8 [3, H, W] image at its input size."""
+        return self.classify_many([x_uint8])[0]
+
+    def classify_many(self, images: list[torch.Tensor]) -> list[tuple[int, float]]:
+        """The conventional DNN on uint8 [3, H, W] images at its input size, as one forward; per image."""
         assert self.conv_spec is not None
         with torch.inference_mode():
-            logits = self.runtime.conventional(self.conv_spec.preprocessing.normalize(x_uint8.unsqueeze(0)))
+            x = self.conv_spec.preprocessing.normalize(torch.stack(images))
+            logits = self.runtime.conventional(x)
             conf, label = calibrate(logits, self.conv_spec.temperature(self.conv_spec.num_exits)).max(dim=1)
-        return int(label[0]), float(conf.to(torch.float32)[0])
+        return list(zip(label.tolist(), conf.to(torch.float32).tolist(), strict=True))
 
     def info(self, max_batch: int, max_body_bytes: int) -> dict[str, Any]:
         """What /v1/model answers."""

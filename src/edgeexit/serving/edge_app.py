@@ -25,7 +25,8 @@ from edgeexit.serving.http import (
     resolve_token,
 )
 from edgeexit.serving.images import IMAGE_TYPES, ImageRejected
-from edgeexit.serving.server import check_port_free
+from edgeexit.serving.server import check_port_free, uvicorn_options
+from edgeexit.threads import SERVER_THREADS, check_threads, set_threads
 
 __all__ = ["create_edge_app", "serve_edge", "EDGE_TOKEN_ENV"]
 
@@ -84,9 +85,13 @@ def serve_edge(
     token: str | None = None,
     cloud_token: str | None = None,
     runtime: str = "torch",
+    threads: int = SERVER_THREADS,
 ) -> None:
-    """Run the edge server with uvicorn until interrupted (token: clients' bearer token; cloud_token: the cloud's)."""
+    """Run the edge server with uvicorn until interrupted (token: clients' bearer token; cloud_token: the cloud's),
+    computing with `threads` intra-op threads."""
+    check_threads(threads)
     check_port_free(host, port)
+    set_threads(threads)
     runner = load_runner(
         Path(run_dir),
         strategy=strategy,
@@ -98,6 +103,6 @@ def serve_edge(
         runtime=runtime,
     )
     try:
-        uvicorn.run(create_edge_app(runner, token=token), host=host, port=port)
+        uvicorn.run(create_edge_app(runner, token=token), host=host, port=port, **uvicorn_options())
     finally:
         runner.close()

@@ -1,4 +1,4 @@
-"""HTTP plumbing shared by the cloud and edge apps: bearer-token auth (a FastAPI dependency), bounded bodies,
+"""HTTP plumbing shared by the cloud and edge apps: bearer-token auth (an ASGI middleware), bounded bodies,
 content types, one-line JSON errors and their OpenAPI descriptions."""
 
 from __future__ import annotations
@@ -6,21 +6,20 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import fastapi
-from fastapi import Request
+from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edgeexit.serving.docs import install_docs
+from edgeexit.serving.docs import ASSETS_URL, install_docs
 
 __all__ = [
     "TOKEN_ENV",
     "binary_body",
-    "bearer_auth",
+    "BearerAuth",
     "check_content_type",
     "error",
     "error_responses",
@@ -33,6 +32,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "EDGEEXIT_TOKEN"
+OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 _AUTH_DETAIL = "missing or wrong bearer token; expected header 'Authorization: Bearer <token>'"
 
 
@@ -52,23 +52,38 @@ def error(status: int, detail: str) -> fastapi.HTTPException:
     return fastapi.HTTPException(status_code=status, detail=_one_line(detail))
 
 
-def bearer_auth(token: str | None) -> Callable[[Request], Awaitable[None]]:
-    """A FastAPI dependency that answers 401 unless the request carries `Authorization: Bearer <token>`.
+class BearerAuth:
+    """ASGI middleware: 401 unless a request carries `Authorization: Bearer <token>`, on every path but the open
+    ones (/healthz and the API docs: OPEN_PATHS, and the docs' assets). It answers before the body is read.
 
-    With `token` None every request passes. Routers that hold the protected routes take it as
-    `dependencies=[Depends(bearer_auth(token))]`; /healthz stays open. It runs before the body is read.
+    Closed unless listed open, so a route added later is protected by default. A middleware rather than a
+    FastAPI dependency: resolving a dependency per request cost about a quarter of the request path's overhead
+    (BENCHMARKS.md, request path).
     """
-    expected = None if token is None else f"Bearer {token}".encode()
 
-    async def check(request: Request) -> None:
-        if expected is None:
-            return
-        given = request.headers.get("authorization", "").encode("latin-1", "replace")
-        # compare_digest on bytes: the time taken does not depend on where the first difference is.
-        if not hmac.compare_digest(given, expected):
-            raise fastapi.HTTPException(401, _AUTH_DETAIL, headers={"WWW-Authenticate": "Bearer"})
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
 
-    return check
+    @staticmethod
+    def _is_protected(scope: dict[str, Any]) -> bool:
+        path = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        return path not in OPEN_PATHS and not path.startswith(ASSETS_URL + "/")
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self._is_protected(scope):
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            # compare_digest on bytes: the time taken does not depend on where the first difference is.
+            if not hmac.compare_digest(given, self.expected):
+                denied = JSONResponse(
+                    {"detail": _AUTH_DETAIL}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+                )
+                await denied(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def new_app(
@@ -76,20 +91,25 @@ def new_app(
 ) -> tuple[fastapi.FastAPI, fastapi.APIRouter]:
     """A FastAPI app with one-line JSON errors, an open GET /healthz, open API docs that need no internet
     (/docs, /redoc, /openapi.json; see serving.docs), and the router for its protected routes (bearer token
-    `token`, None: open); include the router once its routes are declared. DocsAssetsMissing if the docs'
-    assets are not installed."""
+    `token`, None: open; BearerAuth guards every route but /healthz and the docs); include the router once its
+    routes are declared. DocsAssetsMissing
+    if the docs' assets are not installed."""
     app = fastapi.FastAPI(
         title=title, version="1", description=description or "", docs_url=None, redoc_url=None
     )
     install_error_handlers(app)
     install_docs(app)
+    healthy = Response(b'{"status":"ok"}', media_type="application/json")
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
+    @app.get("/healthz", response_model=dict[str, str])
+    async def healthz() -> Response:
         """Liveness: always open, even with a token configured."""
-        return {"status": "ok"}
+        return healthy
 
-    return app, fastapi.APIRouter(dependencies=[fastapi.Depends(bearer_auth(token))])
+    api = fastapi.APIRouter()
+    if token is not None:
+        app.add_middleware(BearerAuth, token=token)
+    return app, api
 
 
 def install_error_handlers(app: fastapi.FastAPI) -> None:

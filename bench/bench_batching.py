@@ -1,0 +1,174 @@
+"""Dynamic batching in the cloud server: 16 concurrent edge clients with batching against `--max-batch 1`.
+
+For each input size (32 and 224 px, MobileNetV2 with 3 branches, random weights: throughput does not depend on
+them), two `edgeexit serve-cloud` processes run side by side on loopback, one with the default batching and
+one with `--max-batch 1`, both with one torch thread. A client process sends offloads of a real stage-k tensor
+from `--clients` threads (each its own keep-alive connection); rounds alternate between the two servers.
+
+Printed per size: req/s at 16 clients (batched / unbatched, target >= 3x at 32 px and >= 1.8x at 224 px), the
+1-client p50 (batched within 10% of unbatched), the mean rows per batch, and the achieved req/s as a fraction
+of the bare batched compute rate (`CloudRunner.finish_many` on batches of `--clients` rows, in-process).
+
+    python bench/bench_batching.py [--sizes 32 224] [--clients 16] [--seconds 6] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from edgeexit.model import load_checkpoint, new_model, save_checkpoint
+from edgeexit.rundir import RunDir
+from edgeexit.serving import wire
+from edgeexit.serving.client import CloudClient
+from edgeexit.serving.cloud_runner import CloudRunner
+
+
+def random_run(root: Path, size: int) -> Path:
+    torch.manual_seed(0)
+    net, spec = new_model("mobilenet_v2", num_classes=10, input_size=size, branches=3)
+    spec.temperatures = [1.0] * spec.num_exits
+    save_checkpoint(RunDir(root).ee, net.eval(), spec)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(run: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgeexit",
+        "serve-cloud",
+        str(run),
+        "--port",
+        str(port),
+        "--max-batch",
+        str(max_batch),
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with CloudClient(url, retries=0, timeout=2) as c:
+                c.model_info()
+            return proc, url
+        except Exception:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit(f"server with --max-batch {max_batch} did not start")
+
+
+def load(url: str, body: bytes, clients: int, seconds: float) -> dict[str, float]:
+    """`clients` threads offloading for `seconds`: req/s, p50 latency (ms), mean rows per batch."""
+    stop = time.monotonic() + seconds
+    lat: list[list[float]] = [[] for _ in range(clients)]
+    rows: list[list[int]] = [[] for _ in range(clients)]
+    barrier = threading.Barrier(clients)
+
+    def worker(i: int) -> None:
+        with CloudClient(url, retries=0, timeout=60) as c:
+            for _ in range(3):
+                c.offload(body, "warm")
+            barrier.wait()
+            while time.monotonic() < stop:
+                t0 = time.perf_counter()
+                r = c._request("POST", "/v1/offload", body, **{"Content-Type": "application/octet-stream"})
+                lat[i].append((time.perf_counter() - t0) * 1e3)
+                rows[i].append(r.json()["batch"])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    all_lat = [v for xs in lat for v in xs]
+    all_rows = [v for xs in rows for v in xs]
+    return {
+        "rps": len(all_lat) / wall,
+        "p50": statistics.median(all_lat),
+        "rows": statistics.fmean(all_rows),
+    }
+
+
+def bare_rate(run: Path, h: torch.Tensor, k: int, rows: int) -> float:
+    """Samples/s of `finish_many` on batches of `rows` single-row tensors, in this process, one thread."""
+    m = CloudRunner.load(run)
+    items = [h] * rows
+    for _ in range(3):
+        m.finish_many(k, items)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 2:
+        m.finish_many(k, items)
+        n += rows
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--k", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-batching-"))
+    out = {}
+    for size in args.sizes:
+        run = random_run(tmp / f"run{size}", size)
+        net, spec = load_checkpoint(run / "ee")
+        x = torch.randint(
+            0, 256, (1, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+        )
+        with torch.inference_mode():
+            _, h = net.edge_part(spec.preprocessing.normalize(x), args.k)
+        body = wire.encode_payload(h, model_hash=spec.content_hash, k=args.k, request_id="b")
+        servers = {"batched": start(run, 64), "unbatched": start(run, 1)}
+        res: dict[tuple[str, int], list[dict]] = {}
+        try:
+            for _ in range(args.rounds):
+                for name, (_, url) in servers.items():
+                    for clients in (1, args.clients):
+                        res.setdefault((name, clients), []).append(load(url, body, clients, args.seconds))
+        finally:
+            for proc, _ in servers.values():
+                proc.terminate()
+                proc.wait(timeout=20)
+        med = {key: {m: statistics.median(r[m] for r in rs) for m in rs[0]} for key, rs in res.items()}
+        bare = bare_rate(run, h, args.k, args.clients)
+        b, u = med[("batched", args.clients)], med[("unbatched", args.clients)]
+        b1, u1 = med[("batched", 1)], med[("unbatched", 1)]
+        out[size] = {"batched": b, "unbatched": u, "batched1": b1, "unbatched1": u1, "bare": bare}
+        print(
+            f"{size} px, k={args.k}: {args.clients} clients {b['rps']:.0f} vs {u['rps']:.0f} req/s "
+            f"({b['rps'] / u['rps']:.2f}x), {b['rows']:.1f} rows per batch; 1 client p50 {b1['p50']:.2f} vs "
+            f"{u1['p50']:.2f} ms ({b1['p50'] / u1['p50']:.2f}x); bare batched compute {bare:.0f} samples/s, "
+            f"achieved {b['rps'] / bare:.0%} of it",
+            flush=True,
+        )
+    print(json.dumps({str(k): v for k, v in out.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

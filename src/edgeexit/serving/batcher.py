@@ -1,0 +1,210 @@
+"""Dynamic batching: concurrent requests that need the same computation run as one forward pass.
+
+One `Batcher` per server process. Requests `submit` an item under a key (the cloud uses ("offload", k) and
+("classify",)); one consumer task runs one batch at a time, in a worker thread so the event loop keeps
+accepting requests meanwhile. A batch is the oldest waiting item plus every later item with the same key,
+up to `max_batch` rows. While a batch computes, new requests queue up, so under load batches form by
+themselves and an idle server answers a lone request at once: with `max_wait_ms` 0 (the default) batching
+adds no delay to a single client. A positive `max_wait_ms` holds a batch that is not full for up to that
+long after its oldest item arrived, trading latency for larger batches.
+
+Each request gets its own answer: `run(key, items)` returns one result per item. When `run` raises, every
+request of that batch gets `BatchFailed` (the apps answer 5xx with the request's id) and the next batch runs
+as usual. A request whose client has gone (its future cancelled) is dropped before its batch runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+__all__ = ["Batcher", "BatchFailed", "BatchStats", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_WAIT_MS"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH = 64
+DEFAULT_MAX_WAIT_MS = 0.0
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class BatchFailed(Exception):
+    """The batch this request was part of failed; `str()` says how, in one line."""
+
+
+@dataclass
+class _Job(Generic[Item]):
+    key: Hashable
+    item: Item
+    rows: int
+    future: asyncio.Future
+    arrived: float  # loop.time()
+
+
+@dataclass
+class BatchStats:
+    """Counters since the server started: batches run, rows in them, the largest, batches that failed."""
+
+    batches: int = 0
+    rows: int = 0
+    largest: int = 0
+    failed: int = 0
+    sizes: dict[int, int] = field(default_factory=dict)  # rows per batch -> how many batches
+
+    def add(self, rows: int, ok: bool) -> None:
+        """Count one batch of `rows` rows."""
+        self.batches += 1
+        self.rows += rows
+        self.largest = max(self.largest, rows)
+        self.failed += not ok
+        self.sizes[rows] = self.sizes.get(rows, 0) + 1
+
+
+def check_batching(max_batch: object, max_wait_ms: object) -> tuple[int, float]:
+    """(max_batch, max_wait_ms) when max_batch is an integer >= 1 and max_wait_ms a finite number >= 0."""
+    from edgeexit.errors import UserError
+
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise UserError(f"max_batch must be an integer >= 1 (1 turns batching off), got {max_batch!r}")
+    ok = isinstance(max_wait_ms, int | float) and not isinstance(max_wait_ms, bool)
+    if not ok or not 0 <= float(max_wait_ms) < 60_000:  # also refuses nan and inf
+        raise UserError(f"max_wait_ms must be a number of milliseconds in [0, 60000), got {max_wait_ms!r}")
+    return max_batch, float(max_wait_ms)
+
+
+class Batcher(Generic[Item, Result]):
+    """Gathers concurrent submissions with the same key into one call of `run(key, items) -> results`.
+
+    `run` is synchronous (a model forward) and runs in a worker thread, one batch at a time.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[Hashable, list[Item]], Sequence[Result]],
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+    ) -> None:
+        self.max_batch, max_wait_ms = check_batching(max_batch, max_wait_ms)
+        self.max_wait = max_wait_ms / 1e3
+        self.run = run
+        self.stats = BatchStats()
+        self._jobs: deque[_Job[Item]] = deque()
+        self._wake: asyncio.Event | None = None
+        self._consumer: asyncio.Task | None = None
+
+    async def submit(self, key: Hashable, item: Item, rows: int = 1) -> Result:
+        """Queue `item` (`rows` rows of the batch, 1..max_batch) and wait for its result; BatchFailed if its
+        batch failed."""
+        if not 1 <= rows <= self.max_batch:
+            raise ValueError(f"an item of {rows} rows; this batcher takes 1..{self.max_batch}")
+        loop = asyncio.get_running_loop()
+        if self._consumer is None or self._consumer.done():
+            self._wake = asyncio.Event()
+            self._consumer = loop.create_task(self._consume(), name="edgeexit-batcher")
+        job = _Job(key, item, rows, loop.create_future(), loop.time())
+        self._jobs.append(job)
+        assert self._wake is not None
+        self._wake.set()
+        return await job.future
+
+    def _rows_waiting(self, key: Hashable) -> int:
+        return sum(j.rows for j in self._jobs if j.key == key and not j.future.done())
+
+    def _take(self) -> list[_Job[Item]]:
+        """The next batch: the oldest live job and the following jobs with its key, up to max_batch rows."""
+        while self._jobs and self._jobs[0].future.done():  # cancelled: its client has gone
+            self._jobs.popleft()
+        if not self._jobs:
+            return []
+        key = self._jobs[0].key
+        batch: list[_Job[Item]] = []
+        rows = 0
+        rest: deque[_Job[Item]] = deque()
+        for job in self._jobs:
+            if job.future.done():
+                continue
+            if job.key == key and rows + job.rows <= self.max_batch:
+                batch.append(job)
+                rows += job.rows
+            else:
+                rest.append(job)
+        self._jobs = rest
+        return batch
+
+    async def _hold(self) -> None:
+        """With max_wait > 0: wait until the oldest job's batch is full or it has waited max_wait."""
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while self._jobs:
+            oldest = self._jobs[0]
+            left = oldest.arrived + self.max_wait - loop.time()
+            if left <= 0 or self._rows_waiting(oldest.key) >= self.max_batch or oldest.future.done():
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except TimeoutError:
+                return
+
+    async def _consume(self) -> None:
+        assert self._wake is not None
+        try:
+            while True:
+                if not self._jobs:
+                    self._wake.clear()
+                    await self._wake.wait()
+                if self.max_wait > 0:
+                    await self._hold()
+                batch = self._take()
+                if batch:
+                    await self._run(batch)
+        except asyncio.CancelledError:
+            self._fail(list(self._jobs), "the server is shutting down")
+            raise
+        except Exception as exc:  # a bug here must not leave requests waiting forever
+            log.exception("batcher stopped")
+            self._fail(list(self._jobs), f"the batcher stopped ({type(exc).__name__}: {exc})")
+            self._jobs.clear()
+
+    async def _run(self, batch: list[_Job[Item]]) -> None:
+        rows = sum(j.rows for j in batch)
+        key = batch[0].key
+        t0 = time.perf_counter()
+        try:
+            results = await asyncio.to_thread(self.run, key, [j.item for j in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{len(results)} results for {len(batch)} requests")
+        except Exception as exc:
+            self.stats.add(rows, ok=False)
+            log.warning("batch of %d rows (%d requests, key %s) failed: %r", rows, len(batch), key, exc)
+            self._fail(batch, f"its batch of {rows} rows failed ({type(exc).__name__}: {str(exc)[:160]})")
+            return
+        self.stats.add(rows, ok=True)
+        log.debug(
+            "batch of %d rows (%d requests) in %.2f ms", rows, len(batch), (time.perf_counter() - t0) * 1e3
+        )
+        for job, result in zip(batch, results, strict=True):
+            if not job.future.done():
+                job.future.set_result(result)
+
+    @staticmethod
+    def _fail(jobs: list[_Job[Any]], why: str) -> None:
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(BatchFailed(why))
+
+    async def close(self) -> None:
+        """Stop the consumer; requests still waiting get BatchFailed."""
+        if self._consumer is not None and not self._consumer.done():
+            self._consumer.cancel()
+            try:
+                await self._consumer
+            except asyncio.CancelledError:
+                pass
