@@ -100,8 +100,6 @@ def _split(model: nn.Module, exits: Sequence[str]) -> tuple[list[nn.Module], nn.
         n_head += 1
     head_names = {name for name, _ in top[len(top) - n_head :]}
     body = [(name, m) for name, m in named if name.split(".")[0] not in head_names]
-    if len(body) < 2:
-        raise UserError(f"found {len(body)} block(s) before the classifier; {NEEDS}")
     head_parts: list[nn.Module] = []
     flattened = False
     for _, m in top[len(top) - n_head :]:
@@ -116,6 +114,8 @@ def _split(model: nn.Module, exits: Sequence[str]) -> tuple[list[nn.Module], nn.
             where = "in the classifier head" if e.split(".")[0] in head_names else "not a block"
             raise UserError(f"exit {e!r} is {where}; blocks that can take an exit: {', '.join(names[:-1])}")
         positions.append(names.index(e))
+    if len(body) < 2:
+        raise UserError(f"found {len(body)} block(s) before the classifier; {NEEDS}")
     if positions != sorted(positions):
         raise UserError(f"exits must be listed in forward order, got {exits}")
     return [m for _, m in body], nn.Sequential(*head_parts), positions, names
