@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 TRAIN_KEYS = (
     "epochs, batch_size, optimizer, lr, momentum, weight_decay, schedule, patience, exit_weights, augment, "
-    "distortion, distortion_levels, seed, num_workers, device, conventional"
+    "distortion, distortion_levels, seed, num_workers, device, conventional, tensorboard"
 )
 
 BAD_VALUES = [

@@ -135,3 +135,19 @@ def test_config_and_cli_import_light() -> None:
             f"`edgeexit.config` and `edgeexit.cli` must import without heavy packages:\n{_explain(result)}",
             pytrace=False,
         )
+
+
+def test_package_import_is_light_and_every_public_name_resolves() -> None:
+    """`import edgeexit` loads nothing heavy (not even torch): its public names are imported on first use."""
+    heavy = (*HEAVY, "torch", "torchvision")
+    result = _probe(["edgeexit"], [], heavy)
+    if result["loaded"] or result["errors"]:
+        pytest.fail(f"`import edgeexit` must stay light:\n{_explain(result)}", pytrace=False)
+    code = (
+        "import edgeexit\n"
+        "missing = [n for n in edgeexit.__all__ if getattr(edgeexit, n, None) is None]\n"
+        "assert not missing, missing\n"
+        "assert set(edgeexit.__all__) - {'__version__'} == set(edgeexit._EXPORTS)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

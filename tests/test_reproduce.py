@@ -105,7 +105,7 @@ def test_reproduce_bad_input_is_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip() == (
         "edgeexit: error: unknown config key train.epochz; accepted: epochs, batch_size, optimizer, lr, momentum, "
         "weight_decay, schedule, patience, exit_weights, augment, distortion, distortion_levels, seed, num_workers, "
-        "device, conventional"
+        "device, conventional, tensorboard"
     )
     missing = tmp_path / "missing.toml"
     missing.write_text('[dataset]\nname = "caltech256"\nroot = "/nonexistent/caltech"\n')

@@ -166,6 +166,9 @@ class TrainConfig(_Model):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # separate: train its own model | final_exit: use the EE-DNN's final exit
     conventional: Literal["separate", "final_exit"] = "separate"
+    # TensorBoard scalars in RUN_DIR/tensorboard/<model>: per-exit loss and accuracy, lr, calibration ECE
+    # (needs the tensorboard package: pip install 'edgeexit[tensorboard]')
+    tensorboard: StrictBool = False
 
 
 class CalibrationConfig(_Model):

@@ -17,11 +17,11 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from edgeexit.data.preprocess import Preprocessing
 from edgeexit.errors import UserError
 from edgeexit.model.spec import ModelSpec
+from edgeexit.progress import progress
 
 __all__ = ["calibrate", "calibrated_probs", "eval_mode", "batch_logits", "exit_probabilities", "device_of"]
 
@@ -88,7 +88,7 @@ def exit_probabilities(
     chunks: list[list[torch.Tensor]] = [[] for _ in range(n_exits)]
     with eval_mode(net):
         starts = range(0, images_uint8.shape[0], batch_size)
-        for start in tqdm(starts, desc="forward", unit="batch", disable=None, leave=False):
+        for start in progress(starts, desc="forward", unit="batch"):
             logits = batch_logits(net, prep, images_uint8[start : start + batch_size])
             if len(logits) != n_exits:
                 raise ValueError(f"model gave {len(logits)} exits, its spec says {n_exits}")

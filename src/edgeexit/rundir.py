@@ -8,6 +8,7 @@ RUN_DIR/calibration/       reliability diagrams and calibration.json
 RUN_DIR/cache/             cached calibrated probabilities of every exit, per distortion level
 RUN_DIR/records.parquet    offline per-sample records; summary.csv the aggregates
 RUN_DIR/online/            online (served) records
+RUN_DIR/tensorboard/       TensorBoard event files per model, when [train] tensorboard = true
 RUN_DIR/figures/, report.md, report.html
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgeexit.atomic import atomic_write_bytes
 from edgeexit.config import RunConfig
@@ -24,7 +26,11 @@ from edgeexit.data.sources import ImageDataset, load_dataset
 from edgeexit.data.splits import Split, make_split
 from edgeexit.errors import UserError
 
-__all__ = ["RunDir", "prepare_data"]
+if TYPE_CHECKING:
+    from edgeexit.model.early_exit import EarlyExitNet
+    from edgeexit.model.spec import ModelSpec
+
+__all__ = ["RunDir", "prepare_data", "save_run", "load_run"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,10 @@ class RunDir:
         return self.root / "online"
 
     @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
     def figures(self) -> Path:
         return self.root / "figures"
 
@@ -113,3 +123,18 @@ def prepare_data(
         if save:
             split.save(run.split)
     return ds, split, preprocessing_for(ds, cfg.dataset.input_size)
+
+
+def save_run(run_dir: Path | str, net: EarlyExitNet, spec: ModelSpec) -> ModelSpec:
+    """Save `net` and `spec` as RUN_DIR/ee, the EE-DNN that `load_runner` and the cloud server load; returns the
+    spec with its content hash. A model made by `wrap` needs a `source` to be loaded again."""
+    from edgeexit.model.checkpoint import save_checkpoint
+
+    return save_checkpoint(RunDir(Path(run_dir)).ee, net, spec)
+
+
+def load_run(run_dir: Path | str) -> tuple[EarlyExitNet, ModelSpec]:
+    """The EE-DNN of RUN_DIR (eval mode, CPU) and its spec, checked against its content hash."""
+    from edgeexit.model.checkpoint import load_checkpoint
+
+    return load_checkpoint(RunDir(Path(run_dir)).ee)

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from edgeexit.data.sources import ImageDataset
 from edgeexit.errors import UserError
+from edgeexit.progress import progress
 
 
 def _check_stats(name: str, values: Any) -> tuple[float, float, float]:
@@ -137,6 +137,6 @@ def load_uint8(ds: ImageDataset, indices: np.ndarray, prep: Preprocessing) -> to
     items = SplitImages(ds, indices, prep)
     s = prep.input_size
     out = torch.empty((len(items), 3, s, s), dtype=torch.uint8)
-    for j in tqdm(range(len(items)), desc=f"load {ds.name}", unit="img", disable=None, leave=False):
+    for j in progress(range(len(items)), desc=f"load {ds.name}", unit="img"):
         out[j] = items[j][0]
     return out

@@ -30,7 +30,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from edgeexit.atomic import atomic_write_bytes
 from edgeexit.config import RunConfig
@@ -50,6 +49,7 @@ from edgeexit.model.checkpoint import SPEC, load_checkpoint, load_spec
 from edgeexit.model.costs import PRECISION_BYTES, CostTable, cost_table
 from edgeexit.model.spec import ModelSpec
 from edgeexit.policy import CLOUD, CONVENTIONAL, Outcome, apply_policy, policy_for
+from edgeexit.progress import progress
 from edgeexit.rundir import RunDir, prepare_data
 
 __all__ = [
@@ -372,7 +372,7 @@ def evaluate_run(
         conv_net.to(device)  # type: ignore[union-attr]
 
     columns = RecordColumns()
-    for level in tqdm(grid.levels, desc=f"evaluate {grid.distortion}", unit="level", disable=None):
+    for level in progress(grid.levels, desc=f"evaluate {grid.distortion}", unit="level", leave=True):
         key = {"distortion": grid.distortion, "level": level, "sample_ids": ids}
         where = {"dataset": cfg.dataset.name, "distortion": grid.distortion, "level": float(level)}
         x = distort(images, grid.distortion, level, seeds=seeds)

@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
 from edgeexit.config import RunConfig
 from edgeexit.data.distortions import distort
 from edgeexit.data.preprocess import load_uint8
 from edgeexit.evaluate.records import RECORD_COLUMNS, read_records, write_records
 from edgeexit.policy import CONVENTIONAL
+from edgeexit.progress import progress
 from edgeexit.rundir import RunDir, prepare_data
 from edgeexit.serving.client import CloudClient
 from edgeexit.serving.edge_runner import EdgeAnswer, Runner, load_runner
@@ -111,9 +111,7 @@ def run_online(
                     runner.classify_image(data)
             meta = {"dataset": cfg.dataset.name, "distortion": exp.distortion, "level": float(level)}
             rows = []
-            for j, data in enumerate(
-                tqdm(pngs, desc=f"online {exp.distortion}={level:g}", disable=None, leave=False)
-            ):
+            for j, data in enumerate(progress(pngs, desc=f"online {exp.distortion}={level:g}", unit="img")):
                 for strategy, alpha, runner in configs:
                     answer = runner.classify_image(data)
                     rows.append(

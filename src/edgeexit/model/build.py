@@ -87,6 +87,10 @@ def new_model(
 
 def build_model(spec: ModelSpec) -> EarlyExitNet:
     """The architecture a spec describes, randomly initialised (load its weights next)."""
+    if spec.wrapped is not None:
+        from edgeexit.model.wrap import rebuild_wrapped
+
+        return rebuild_wrapped(spec)
     net, _, _ = _assemble(
         spec.backbone, spec.num_classes, spec.input_size, None, spec.head, spec.branch_blocks or None
     )

@@ -86,7 +86,8 @@ def cost_table(net: EarlyExitNet, input_size: int) -> CostTable:
     was_training = net.training
     net.eval()
     try:
-        x = torch.zeros(1, 3, input_size, input_size)
+        p = next(net.parameters(), None)  # the probe goes where the net is
+        x = torch.zeros(1, 3, input_size, input_size, device=p.device if p is not None else None)
         input_shape = list(x.shape[1:])
         stage_macs, exit_macs, shapes = [], [], []
         for i in range(1, len(net.stages) + 1):

@@ -39,6 +39,9 @@ class ModelSpec:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     content_hash: str = ""
+    # made by `edgeexit.wrap`: {"source": "torchvision:NAME" | "module:factory" | None, "model_kwargs": {...},
+    # "exits": [dotted module names]}; None for the built-in backbones
+    wrapped: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -97,4 +100,6 @@ class ModelSpec:
     def identity(self) -> dict[str, Any]:
         """The fields that change what the model computes (hashed with the weights)."""
         drop = {"training", "metrics", "content_hash", "data_root"}
+        if self.wrapped is None:
+            drop.add("wrapped")  # specs saved before wrap existed keep their content hash
         return {k: v for k, v in self.to_dict().items() if k not in drop}

@@ -65,10 +65,10 @@ from edgeexit.serving.http import (
 )
 from edgeexit.serving.images import IMAGE_TYPES, ImageRejected, decode_image
 from edgeexit.serving.probe import probe_router
-from edgeexit.serving.server import check_port_free, uvicorn_options
+from edgeexit.serving.server import ServerHandle, check_port_free, start_server, uvicorn_options
 from edgeexit.threads import SERVER_THREADS, check_threads, set_threads
 
-__all__ = ["create_cloud_app", "serve_cloud", "app_from_env", "DEFAULT_MAX_BODY"]
+__all__ = ["create_cloud_app", "serve_cloud", "start_cloud", "app_from_env", "DEFAULT_MAX_BODY"]
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +257,21 @@ def app_from_env() -> fastapi.FastAPI:
         max_wait_ms=float(os.environ.get(_ENV_MAX_WAIT, DEFAULT_MAX_WAIT_MS)),
         runtime=os.environ.get(_ENV_RUNTIME, "torch"),
     )
+
+
+def start_cloud(
+    run_dir: Path | str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str | None = None,
+    runtime: str = "torch",
+) -> ServerHandle:
+    """The cloud server for RUN_DIR in a background thread (port 0: an ephemeral one); returns once it accepts.
+
+    The handle has `.url` and `.stop()` and is a context manager: `with start_cloud(run) as cloud: ...`.
+    """
+    return start_server(create_cloud_app(Path(run_dir), token=token, runtime=runtime), host=host, port=port)
 
 
 def serve_cloud(

@@ -31,6 +31,7 @@ from edgeexit.train.data import collect_logits, load_split_data
 
 __all__ = [
     "fit_temperature",
+    "fit_exits",
     "expected_calibration_error",
     "calibrate_run",
     "warn_wild_temperatures",
@@ -105,6 +106,29 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
     return t
 
 
+def fit_exits(
+    logits: list[torch.Tensor], y: torch.Tensor, mode: str = "per_exit", max_iter: int = 100
+) -> tuple[list[float], list[float] | None, list[float]]:
+    """Temperatures (one per exit, or one shared by all when `mode` is global), ensemble weights (the branches'
+    accuracies normalised to sum to 1; None without branches) and every exit's accuracy, from validation logits.
+    """
+    if mode not in MODES:
+        raise UserError(f"unknown calibration mode {mode!r}; known: {', '.join(MODES)}")
+    if mode == "global":
+        t = fit_temperature(torch.cat(logits), y.repeat(len(logits)), max_iter)
+        temps = [t] * len(logits)
+    else:
+        temps = [fit_temperature(z, y, max_iter) for z in logits]
+    acc = [float((z.argmax(1) == y).float().mean()) for z in logits]
+    branch_acc = acc[:-1]
+    if branch_acc:
+        total = sum(branch_acc)
+        ens = [a / total for a in branch_acc] if total > 0 else [1 / len(branch_acc)] * len(branch_acc)
+    else:
+        ens = None
+    return temps, ens, acc
+
+
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
     """ECE (L1, `bins` equal-width confidence bins) of class probabilities [n, C], via torchmetrics."""
     _check_logits(probs, labels)
@@ -173,20 +197,9 @@ def _calibrate_model(
     val = load_split_data(ds, val_indices, prep, cfg.train.num_workers)
     net.to(device)
     logits, y = collect_logits(net, val, prep, device, desc=f"calibrate {which}")
-    if c.mode == "global":
-        t = fit_temperature(torch.cat(logits), y.repeat(len(logits)), c.max_iter)
-        temps = [t] * len(logits)
-    else:
-        temps = [fit_temperature(z, y, c.max_iter) for z in logits]
+    temps, ens, acc = fit_exits(logits, y, c.mode, c.max_iter)
     before = calibrated_probs(logits, None)
     after = calibrated_probs(logits, temps)
-    acc = [float((z.argmax(1) == y).float().mean()) for z in logits]
-    branch_acc = acc[:-1]
-    if branch_acc:
-        total = sum(branch_acc)
-        ens = [a / total for a in branch_acc] if total > 0 else [1 / len(branch_acc)] * len(branch_acc)
-    else:
-        ens = None
     exits = []
     run.calibration.mkdir(parents=True, exist_ok=True)
     for i, (z, p0, p1, t) in enumerate(zip(logits, before, after, temps, strict=True), start=1):
@@ -247,4 +260,10 @@ def calibrate_run(run_dir: Path, cfg: RunConfig | None = None) -> dict[str, Any]
         if (run.model_dir(which) / SPEC).is_file():
             report["models"][which] = _calibrate_model(run, which, cfg, ds, split.val, device)
     atomic_write_bytes(run.calibration / "calibration.json", json.dumps(report, indent=2).encode())
+    if cfg.train.tensorboard:
+        from edgeexit.train.tensorboard import log_calibration, open_writer
+
+        for which, model_report in report["models"].items():
+            with open_writer(run.tensorboard / which) as writer:
+                log_calibration(writer, model_report["exits"])
     return report

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
@@ -36,7 +35,6 @@ from edgeexit.devices import resolve_device
 from edgeexit.errors import UserError
 from edgeexit.model import EarlyExitNet, ModelSpec, load_spec, new_model, save_checkpoint
 from edgeexit.model.checkpoint import WEIGHTS
-from edgeexit.progress import progress
 from edgeexit.rundir import RunDir, prepare_data
 from edgeexit.train import distributed as ddp
 from edgeexit.train.conventional import conventional_from_final_exit
@@ -58,8 +56,10 @@ from edgeexit.train.state import (
     progress_metrics,
     restore_state,
 )
+from edgeexit.train.steps import ExitScores, batch_sums, scores, train_epoch
+from edgeexit.train.tensorboard import log_epoch, open_writer
 
-__all__ = ["train_model", "warn_chance_accuracy", "exit_name"]
+__all__ = ["train_model", "warn_chance_accuracy", "exit_name", "exit_weights", "make_optimizer"]
 
 log = logging.getLogger(__name__)
 log.addFilter(ddp.MainRankOnly())
@@ -121,7 +121,7 @@ def _record_config(run: RunDir, cfg: RunConfig) -> None:
         log.warning("%s was recorded with other values for %s; keeping it", run.config, ", ".join(diff))
 
 
-def _exit_weights(t: TrainConfig, num_exits: int, which: str) -> list[float]:
+def exit_weights(t: TrainConfig, num_exits: int, which: str) -> list[float]:
     """Loss weights per exit: all 1 by default; the conventional model uses the final exit's weight."""
     if t.exit_weights is None:
         return [1.0] * num_exits
@@ -135,21 +135,10 @@ def _seed_globals(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def _make_optimizer(params: Any, t: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: Any, t: TrainConfig) -> torch.optim.Optimizer:
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
-
-
-def _weighted_ce(
-    logits: list[torch.Tensor], y: torch.Tensor, w: list[float], reduction: str = "mean"
-) -> torch.Tensor:
-    total = None
-    for wi, z in zip(w, logits, strict=True):
-        term = wi * F.cross_entropy(z, y, reduction=reduction)
-        total = term if total is None else total + term
-    assert total is not None
-    return total
 
 
 @torch.no_grad()
@@ -160,18 +149,14 @@ def _evaluate(
     device: torch.device,
     w: list[float],
     info: ddp.DistInfo,
-) -> tuple[float, list[float]]:
-    """Weighted validation loss (mean per sample) and every exit's accuracy, summed over ranks."""
+) -> ExitScores:
+    """Weighted validation loss (mean per sample), every exit's loss and accuracy, summed over ranks."""
     order = ddp.shard(torch.arange(len(data)), info, pad=False)
-    sums = torch.zeros(2 + len(w), dtype=torch.float64)  # loss sum, count, correct per exit
+    sums = torch.zeros(2 + 2 * len(w), dtype=torch.float64)
     if order.numel():
         logits, y = collect_logits(net, data, prep, device, order=order, desc="validate")
-        sums[0] = _weighted_ce(logits, y, w, reduction="sum").double()
-        sums[1] = y.numel()
-        sums[2:] = torch.tensor([(z.argmax(1) == y).sum().item() for z in logits], dtype=torch.float64)
-    sums = ddp.all_reduce_sum(sums.to(device), info).cpu()
-    n = max(float(sums[1]), 1.0)
-    return float(sums[0]) / n, [float(c) / n for c in sums[2:]]
+        sums = batch_sums(logits, y, w)
+    return scores(ddp.all_reduce_sum(sums.to(device), info).cpu())
 
 
 def _build(
@@ -240,12 +225,12 @@ def _train(
         (state_dir / "state.json").unlink(missing_ok=True)
 
     net, spec = _build(cfg, which, ds, split, prep)
-    weights = _exit_weights(t, net.num_branches + 1, which)
+    weights = exit_weights(t, net.num_branches + 1, which)
     spec.training = {**t.model_dump(), "exit_weights_used": weights, "world_size": info.world_size}
     net.to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False  # autotuning picks kernels nondeterministically
-    opt = _make_optimizer(net.parameters(), t)
+    opt = make_optimizer(net.parameters(), t)
     sched = (
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs) if t.schedule == "cosine" else None
     )
@@ -271,6 +256,7 @@ def _train(
     per_rank_batch = max(1, t.batch_size // info.world_size)  # keep the global batch size of the config
     record = {"config": fingerprint(cfg), "num_classes": num_classes, "which": which}
     dropped_logged = False
+    board = open_writer(run.tensorboard / which) if t.tensorboard and info.is_main else None
 
     while not st.done(t):
         epoch = st.epoch + 1
@@ -286,31 +272,27 @@ def _train(
         order = kept
         gen = generator(t.seed, epoch, info.rank, 2)
         lr = opt.param_groups[0]["lr"]
-        model.train()
-        loss_sum = torch.zeros(2, dtype=torch.float64)
-        n_batches = math.ceil(order.numel() / per_rank_batch)
-        bar = progress(
+
+        def to_input(x: torch.Tensor, gen: torch.Generator = gen) -> torch.Tensor:
+            return prep.normalize(augment(x.to(device), ds.name, t, levels, gen))
+
+        sums = train_epoch(
+            model,
             train_data.batches(order, per_rank_batch),
-            total=n_batches,
+            opt=opt,
+            weights=weights,
+            to_input=to_input,
+            device=device,
             desc=f"{which} epoch {epoch}/{t.epochs}",
-            unit="batch",
+            total=math.ceil(order.numel() / per_rank_batch),
             enabled=info.is_main,
         )
-        for x, y in bar:
-            x = augment(x.to(device), ds.name, t, levels, gen)
-            y = y.to(device)
-            loss = _weighted_ce(model(prep.normalize(x)), y, weights)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64)
-            bar.set_postfix(loss=f"{loss_sum[0].item() / loss_sum[1].item():.4f}", refresh=False)
-        bar.close()
         if sched is not None:
             sched.step()
-        loss_sum = ddp.all_reduce_sum(loss_sum.to(device), info).cpu()
-        train_loss = float(loss_sum[0] / loss_sum[1])
-        val_loss, val_acc = _evaluate(net, val_data, prep, device, weights, info)
+        train = scores(ddp.all_reduce_sum(sums.to(device), info).cpu())
+        train_loss = train.loss
+        val = _evaluate(net, val_data, prep, device, weights, info)
+        val_loss, val_acc = val.loss, val.exit_accuracy
         seconds = time.perf_counter() - started
 
         improved = math.isfinite(val_loss) and val_loss < st.best_val_loss
@@ -348,10 +330,14 @@ def _train(
             lines = "".join(json.dumps(h) + "\n" for h in st.history)
             atomic_write_bytes(out_dir / "metrics.jsonl", lines.encode())
             commit_state(state_dir, st, net, opt, sched, record)
+        if board is not None:
+            log_epoch(board, epoch, train=train, val=val, lr=lr)
         ddp.barrier(info)
         if epoch_callback is not None:
             epoch_callback(epoch)
 
+    if board is not None:
+        board.close()
     if st.bad_epochs >= t.patience and st.epoch < t.epochs:
         log.info(
             "early stopping after epoch %d: no better validation loss for %d epochs", st.epoch, t.patience
@@ -398,7 +384,7 @@ def _finish(
     else:
         log.warning("no epoch reached a finite validation loss: keeping the last weights")
     test_data = load_split_data(job.ds, job.split.test, job.prep, job.cfg.train.num_workers)
-    _, test_acc = _evaluate(net, test_data, job.prep, job.device, job.weights, job.info)
+    test_acc = _evaluate(net, test_data, job.prep, job.device, job.weights, job.info).exit_accuracy
     spec.metrics = {
         **progress_metrics(st),
         "test_accuracy": test_acc,

@@ -40,7 +40,7 @@ __all__ = [
 
 STATE_FORMAT = "edgeexit-train-state"
 # Config keys that may differ between an interrupted run and its resumption (they do not change the result).
-RESUME_FREE = {"train.device", "train.num_workers", "train.conventional"}
+RESUME_FREE = {"train.device", "train.num_workers", "train.conventional", "train.tensorboard"}
 
 
 @dataclass
