@@ -105,12 +105,17 @@ class _Graph:
         self.session = session
         self.input = session.get_inputs()[0].name
         self.outputs = [o.name for o in session.get_outputs()]
+        # `InferenceSession.run` checks the feed's names, its OrtValues and graph capture on every call before
+        # calling the binding `_sess.run`; the feed here is always our one named array, so call the binding
+        # directly (about 12 us a call, 10% of a 32 px stage), or the public method where it is missing.
+        inner = getattr(session, "_sess", None)
+        self._run = inner.run if inner is not None and hasattr(inner, "run") else session.run
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        arr = x.detach().contiguous().numpy()
-        if arr.dtype != np.float32:
-            arr = arr.astype(np.float32)
-        return [torch.from_numpy(a) for a in self.session.run(self.outputs, {self.input: arr})]
+        arr = (x.detach() if x.requires_grad else x).numpy()
+        if arr.dtype != np.float32 or not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+        return [torch.from_numpy(a) for a in self._run(self.outputs, {self.input: arr}, None)]
 
 
 def _session_options(ort: Any, threads: int) -> Any:
