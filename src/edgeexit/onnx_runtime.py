@@ -56,7 +56,7 @@ CONVENTIONAL_FILE = "conventional.onnx"
 
 def export_dir(run_dir: Path) -> Path:
     """Where `edgeexit export RUN_DIR --format onnx` writes by default and the onnx runtime reads: RUN_DIR/onnx."""
-    return RunDir(Path(run_dir)).root / "onnx"
+    return RunDir(Path(run_dir)).onnx
 
 
 def edge_stage_file(i: int) -> str:
