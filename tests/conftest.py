@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,3 +58,16 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunConfig]
     """A calibrated tiny run (EE-DNN and conventional DNN, random weights), shared read-only: copy it to change it."""
     root = tmp_path_factory.mktemp("tiny_run")
     return root, build_tiny_run(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_onnx(
+    tiny_run: tuple[Path, RunConfig], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, RunConfig]:
+    """A copy of `tiny_run` with its ONNX export in RUN_DIR/onnx (runtime "onnx"), shared read-only."""
+    from edgeexit.onnx_export import export_onnx
+
+    root = tmp_path_factory.mktemp("tiny_run_onnx") / "run"
+    shutil.copytree(tiny_run[0], root, ignore=shutil.ignore_patterns("cache", "onnx"))
+    export_onnx(root)
+    return root, tiny_run[1]

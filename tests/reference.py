@@ -6,6 +6,9 @@
 - `sweep_records`: the sweep's columns of one level as a DataFrame, the way `evaluate_run` makes them.
 - `json_list_payload` / `decode_json_list`: the authors' wire format (a JSON list of floats), the baseline of
   the wire benchmark.
+- `edge_probs` / `policy_scores`: one image's calibrated probabilities at exits 1..k through a runtime, and the
+  quantities a policy compares with alpha there (to tell a decision that flips within a tolerance of alpha
+  between two backends from a real disagreement).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from edgeexit.data.distortions import distort
 from edgeexit.data.preprocess import Preprocessing
 from edgeexit.evaluate.records import RECORD_DTYPES, concat_records
 from edgeexit.evaluate.sweep import Grid, RecordColumns, conventional_columns, policy_columns
-from edgeexit.inference import calibrated_probs
+from edgeexit.inference import calibrate, calibrated_probs
 from edgeexit.model.costs import CostTable
 from edgeexit.model.spec import ModelSpec
 from edgeexit.policy import CLOUD, CONVENTIONAL, Outcome, policy_for
@@ -274,3 +277,40 @@ def direct_records(
             ).astype(RECORD_DTYPES)
         )
     return concat_records(frames)
+
+
+def edge_probs(runtime: Any, x_uint8: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """Calibrated probabilities [1, C] of exits 1..k for one uint8 image, stage by stage through `runtime`."""
+    spec = runtime.spec
+    h = spec.preprocessing.normalize(x_uint8).unsqueeze(0)
+    probs = []
+    with torch.inference_mode():
+        for i in range(1, k + 1):
+            h, logits = runtime.edge_stage(i, h)
+            probs.append(calibrate(logits, spec.temperature(i)))
+    return probs
+
+
+def policy_scores(
+    strategy: str, probs: Sequence[torch.Tensor], k: int, ensemble_weights: Sequence[float] | None
+) -> list[float]:
+    """What the policy compares with alpha at each exit where it may stop (stop iff score >= alpha): the top
+    probability (ee), 1 - the normalised entropy (entropy), the ensemble's top probability at exit k."""
+    if strategy == "ee":
+        return [float(p.max()) for p in probs[:k]]
+    if strategy == "entropy":
+        out = []
+        for p in probs[:k]:
+            entropy = -torch.special.xlogy(p.double(), p.double()).sum()
+            out.append(1.0 - float(entropy) / float(np.log(p.shape[-1])))
+        return out
+    if strategy in ("ensemble", "ensemble-mean"):
+        if strategy == "ensemble":
+            assert ensemble_weights is not None
+            w = [float(v) for v in ensemble_weights[:k]]
+            w = [v / sum(w) for v in w]
+        else:
+            w = [1.0 / k] * k
+        p_e = sum(wi * p.double() for wi, p in zip(w, probs[:k], strict=True))
+        return [float(p_e.max())]
+    raise ValueError(f"no alpha score for strategy {strategy!r}")

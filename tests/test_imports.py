@@ -21,6 +21,8 @@ import sys
 import pytest
 
 HEAVY = ("matplotlib", "pandas", "scipy.stats", "torchmetrics", "pyarrow")
+# Loaded only when the onnx runtime loads a run or a run is exported, never by importing serving or the CLI.
+ONNX = ("onnxruntime", "onnx")
 
 # Runs in the child. argv[1]: JSON {"targets": [...], "walk": [...], "heavy": [...]}. `walk` are packages
 # whose modules are discovered with pkgutil.walk_packages (so newly added modules are covered) and imported
@@ -116,7 +118,11 @@ def _explain(result: dict) -> str:
 
 
 def test_serving_inference_runtime_import_light() -> None:
-    result = _probe(["edgeexit.inference", "edgeexit.runtime"], ["edgeexit.serving"], HEAVY)
+    result = _probe(
+        ["edgeexit.inference", "edgeexit.runtime", "edgeexit.onnx_runtime"],
+        ["edgeexit.serving"],
+        (*HEAVY, *ONNX),
+    )
     found = [m for m in (*result["imported"], *result["errors"]) if m.startswith("edgeexit.serving.")]
     assert found, f"pkgutil.walk_packages found no module in edgeexit.serving: {result}"
     if result["loaded"] or result["errors"]:
@@ -128,7 +134,7 @@ def test_serving_inference_runtime_import_light() -> None:
 
 
 def test_config_and_cli_import_light() -> None:
-    heavy = (*HEAVY, "torchvision")
+    heavy = (*HEAVY, *ONNX, "torchvision")
     result = _probe(["edgeexit.config", "edgeexit.cli"], [], heavy)
     if result["loaded"] or result["errors"]:
         pytest.fail(

@@ -109,5 +109,5 @@ def test_runners_by_role(tiny_run: tuple[Path, RunConfig]) -> None:
     conv = make_runner(rt, strategy="conventional", alpha=float("nan"))
     assert isinstance(conv, ConventionalRunner) and conv.config()["alpha"] is None
     assert conv.conventional_macs == rt.costs.total_macs  # the same backbone without branches
-    with pytest.raises(UserError, match="unknown runtime 'onnx'; known: test-delegating, torch"):
-        load_runtime(root, "onnx")
+    with pytest.raises(UserError, match="unknown runtime 'tensorrt'; known: onnx, test-delegating, torch"):
+        load_runtime(root, "tensorrt")

@@ -20,11 +20,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from reference import edge_probs, policy_scores
 from tinyrun import tiny_images
 
 from edgeexit.config import RunConfig
 from edgeexit.data import distort
 from edgeexit.evaluate.sweep import evaluate_run
+from edgeexit.runtime import TorchRuntime
 from edgeexit.serving.cloud_app import create_cloud_app
 from edgeexit.serving.edge_runner import EdgeAnswer, load_runner
 from edgeexit.serving.images import png_bytes
@@ -37,6 +40,8 @@ LEVELS = [0.0, 1.2]  # gaussian blur sigma
 ALPHA = 0.5
 KS = [2, 3]
 STRATEGIES = ["ee", "ensemble", "ensemble-mean", "entropy", "conventional"]
+RUNTIMES = ["torch", "onnx"]
+NEAR = 1e-4  # runtime onnx: a decision may flip where the policy's score lies this close to alpha
 
 
 @pytest.fixture(scope="module")
@@ -75,24 +80,40 @@ def online_ids(run: tuple[Path, RunConfig]) -> list[int]:
     return [int(i) for i in tiny_images(root, cfg, N)[0]]
 
 
+Online = dict[tuple[float, str, int], list[EdgeAnswer]]
+
+
 @pytest.fixture(scope="module")
-def online(run: tuple[Path, RunConfig]) -> Iterator[dict[tuple[float, str, int], list[EdgeAnswer]]]:
+def camera(run: tuple[Path, RunConfig]) -> dict[float, torch.Tensor]:
+    """The distorted uint8 images per level, as the online experiment makes them before encoding."""
     root, cfg = run
     ids, clean = tiny_images(root, cfg, N)
-    answers: dict[tuple[float, str, int], list[EdgeAnswer]] = {}
-    with start_server(create_cloud_app(root)) as srv:
-        base = load_runner(root, strategy="ee", alpha=ALPHA, cloud_url=srv.url, precision="fp32")
+    return {level: distort(clean, "gaussian_blur", level, seeds=[int(i) for i in ids]) for level in LEVELS}
+
+
+@pytest.fixture(scope="module", params=RUNTIMES)
+def online(
+    request: pytest.FixtureRequest,
+    run: tuple[Path, RunConfig],
+    camera: dict[float, torch.Tensor],
+) -> Iterator[tuple[str, Online]]:
+    runtime = request.param
+    root = request.getfixturevalue("tiny_run_onnx")[0] if runtime == "onnx" else run[0]
+    answers: Online = {}
+    with start_server(create_cloud_app(root, runtime=runtime)) as srv:
+        base = load_runner(
+            root, strategy="ee", alpha=ALPHA, cloud_url=srv.url, precision="fp32", runtime=runtime
+        )
+        assert base.config()["runtime"] == runtime
         with base:
             for level in LEVELS:
-                images = distort(clean, "gaussian_blur", level, seeds=[int(i) for i in ids])
-                pngs = [
-                    png_bytes(x) for x in images
-                ]  # the camera images, as the online experiment makes them
+                # the camera images, as the online experiment makes them
+                pngs = [png_bytes(x) for x in camera[level]]
                 for strategy in STRATEGIES:
                     for k in KS:
                         runner = base.variant(strategy=strategy, alpha=ALPHA, k=k)
                         answers[(level, strategy, k)] = [runner.classify_image(data) for data in pngs]
-        yield answers
+    yield runtime, answers
 
 
 @pytest.mark.parametrize(
@@ -101,27 +122,65 @@ def online(run: tuple[Path, RunConfig]) -> Iterator[dict[tuple[float, str, int],
 )
 def test_online_answers_equal_offline_records(
     offline: dict[int, pd.DataFrame],
-    online: dict[tuple[float, str, int], list[EdgeAnswer]],
+    online: tuple[str, Online],
     online_ids: list[int],
+    camera: dict[float, torch.Tensor],
+    run: tuple[Path, RunConfig],
     strategy: str,
     batch_size: int,
     atol: float,
 ) -> None:
+    runtime, answers = online
     records = offline[batch_size]
+    reference: TorchRuntime | None = None  # runtime onnx: torch at batch 1, to tell where alpha was near
+    near = 0
     for level in LEVELS:
         for k in KS:
             rows = records[(records.level == level) & (records.strategy == strategy) & (records.k == k)]
             assert rows.sample_id.tolist() == online_ids  # the same images, in the same order
-            got = online[(level, strategy, k)]
+            got = answers[(level, strategy, k)]
             assert all(a.outcome == "ok" for a in got), [a.detail for a in got if a.outcome != "ok"]
-            where = f"{strategy} level={level} k={k} batch={batch_size}"
-            assert [a.exit for a in got] == rows.exit.tolist(), where
-            assert [a.answered_at == "edge" for a in got] == rows.at_edge.tolist(), where
-            assert [a.label for a in got] == rows.prediction.tolist(), where
-            assert [a.macs for a in got] == rows.macs.tolist(), where
-            np.testing.assert_allclose(
-                [a.confidence for a in got], rows.confidence.to_numpy(), rtol=0, atol=atol
+            where = f"{runtime} {strategy} level={level} k={k} batch={batch_size}"
+            want = list(
+                zip(rows.exit, rows.at_edge, rows.prediction, rows.macs, rows.confidence, strict=True)
             )
+            keep = list(range(len(got)))
+            if runtime != "torch":  # accept a flip where the policy's score is within NEAR of alpha
+                keep = []
+                for j, (a, w) in enumerate(zip(got, want, strict=True)):
+                    if (a.exit, a.answered_at == "edge", a.label, a.macs) == tuple(w[:4]):
+                        keep.append(j)
+                        continue
+                    if reference is None:
+                        reference = TorchRuntime.from_run(run[0], load_conventional=False)
+                    scores = (
+                        []
+                        if strategy == "conventional"
+                        else policy_scores(
+                            strategy,
+                            edge_probs(reference, camera[level][j], k),
+                            k,
+                            reference.spec.ensemble_weights,
+                        )
+                    )
+                    assert any(abs(s - ALPHA) <= NEAR for s in scores), f"{where} image {j}: {a} vs {w}"
+                    near += 1
+            assert [got[j].exit for j in keep] == [want[j][0] for j in keep], where
+            assert [got[j].answered_at == "edge" for j in keep] == [want[j][1] for j in keep], where
+            assert [got[j].label for j in keep] == [want[j][2] for j in keep], where
+            assert [got[j].macs for j in keep] == [want[j][3] for j in keep], where
+            np.testing.assert_allclose(
+                [got[j].confidence for j in keep],
+                [want[j][4] for j in keep],
+                rtol=0,
+                atol=atol if runtime == "torch" else max(atol, NEAR),
+                err_msg=where,
+            )
+    if runtime != "torch":
+        print(
+            f"{runtime} {strategy} batch={batch_size}: {near} decisions within {NEAR} of alpha={ALPHA} differ"
+        )
+        assert near <= len(LEVELS) * len(KS) * N // 100 + 1  # rare, or the tolerance hides a real difference
 
 
 def test_the_comparison_covers_edge_and_cloud_answers(offline: dict[int, pd.DataFrame]) -> None:

@@ -4,6 +4,7 @@ RUN_DIR/config.json        the RunConfig the run was started with
 RUN_DIR/split.json         the persisted train/val/test split (shared by every model of the run)
 RUN_DIR/ee/                the EE-DNN checkpoint (weights.safetensors + spec.json) and its training state
 RUN_DIR/conventional/      the conventional DNN checkpoint
+RUN_DIR/onnx/              the ONNX export for runtime "onnx" (`edgeexit export RUN_DIR --format onnx`)
 RUN_DIR/calibration/       reliability diagrams and calibration.json
 RUN_DIR/cache/             cached calibrated probabilities of every exit, per distortion level
 RUN_DIR/records.parquet    offline per-sample records; summary.csv the aggregates
@@ -57,6 +58,10 @@ class RunDir:
     @property
     def conventional(self) -> Path:
         return self.root / "conventional"
+
+    @property
+    def onnx(self) -> Path:
+        return self.root / "onnx"
 
     @property
     def calibration(self) -> Path:

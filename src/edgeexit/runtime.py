@@ -4,16 +4,18 @@
 - `cloud_part(h, k)`: the stages after k and the final head -> the final logits;
 - `conventional(x)`: the cloud-only conventional DNN -> its logits.
 
-The edge runner and the cloud app call nothing else, so a second backend (ONNX Runtime, one graph per
-piece) plugs in by registering a class under `RUNTIMES` without touching policy or serving code. Inputs are
-normalised float tensors (`spec.preprocessing`), outputs raw logits: temperatures are applied by
-`edgeexit.inference.calibrate`, the same for every backend. PyTorch (`TorchRuntime`) is the first backend.
+The edge runner and the cloud app call nothing else, so a second backend plugs in by registering a class
+under `RUNTIMES` without touching policy or serving code. Inputs are normalised float tensors
+(`spec.preprocessing`), outputs raw logits: temperatures are applied by `edgeexit.inference.calibrate`, the
+same for every backend. Two backends: PyTorch (`TorchRuntime`, "torch") and ONNX Runtime (`OnnxRuntime`,
+"onnx", one graph per piece, in `edgeexit.onnx_runtime`; onnxruntime is imported only when it loads a run).
 """
 
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +29,16 @@ from edgeexit.model.spec import ModelSpec
 from edgeexit.registry import Registry
 from edgeexit.rundir import RunDir
 
-__all__ = ["Runtime", "TorchRuntime", "RUNTIMES", "load_runtime"]
+__all__ = [
+    "Runtime",
+    "TorchRuntime",
+    "RUNTIMES",
+    "load_runtime",
+    "RunSpecs",
+    "run_specs",
+    "check_ee_spec",
+    "measure_conventional_macs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +75,7 @@ class Runtime(ABC):
         return False
 
 
-def _conventional_macs(ee_spec: ModelSpec, ee_costs: CostTable, conv_spec: ModelSpec) -> int:
+def measure_conventional_macs(ee_spec: ModelSpec, ee_costs: CostTable, conv_spec: ModelSpec) -> int:
     """MACs of the conventional DNN: the EE-DNN's stages + head when it is the same backbone, else measured."""
     same = (conv_spec.backbone, conv_spec.num_classes, conv_spec.input_size) == (
         ee_spec.backbone,
@@ -74,6 +85,32 @@ def _conventional_macs(ee_spec: ModelSpec, ee_costs: CostTable, conv_spec: Model
     if same:
         return ee_costs.total_macs
     return cost_table(build_model(conv_spec), conv_spec.input_size).total_macs  # MACs need no weights
+
+
+def check_ee_spec(spec: ModelSpec, where: Path | str) -> None:
+    """A UserError unless `spec` is an EE-DNN (side branches) whose temperatures, if any, match its exits."""
+    if spec.kind != "early_exit" or spec.num_branches < 1:
+        raise UserError(f"{where} holds a model without side branches; expected the EE-DNN")
+    if spec.temperatures is not None and len(spec.temperatures) != spec.num_exits:
+        raise UserError(f"model spec has {len(spec.temperatures)} temperatures for {spec.num_exits} exits")
+
+
+@dataclass(frozen=True)
+class RunSpecs:
+    """What every backend reads from a run before its weights: the specs of its models and where they are."""
+
+    run: RunDir
+    ee: ModelSpec
+    conventional: ModelSpec | None  # None: the run has no conventional DNN
+
+
+def run_specs(run_dir: Path) -> RunSpecs:
+    """RUN_DIR/ee/spec.json (checked to be an EE-DNN) and RUN_DIR/conventional/spec.json when present."""
+    run = RunDir(Path(run_dir))
+    ee = load_spec(run.ee)
+    check_ee_spec(ee, run.ee)
+    conv = load_spec(run.conventional) if (run.conventional / SPEC).is_file() else None
+    return RunSpecs(run, ee, conv)
 
 
 RUNTIMES: Registry[type[Runtime]] = Registry("runtime")
@@ -94,10 +131,7 @@ class TorchRuntime(Runtime):
         conventional_net: EarlyExitNet | None = None,
         conventional_spec: ModelSpec | None = None,
     ) -> None:
-        if spec.temperatures is not None and len(spec.temperatures) != spec.num_exits:
-            raise UserError(
-                f"model spec has {len(spec.temperatures)} temperatures for {spec.num_exits} exits"
-            )
+        check_ee_spec(spec, "the runtime's model spec")
         if conventional_net is not None and conventional_spec is None:
             raise ValueError("a conventional network needs its spec")
         net.eval()
@@ -107,23 +141,21 @@ class TorchRuntime(Runtime):
         self.conventional_net = conventional_net.eval() if conventional_net is not None else None
         self.conventional_spec = conventional_spec
         self.conventional_macs = (
-            None if conventional_spec is None else _conventional_macs(spec, self.costs, conventional_spec)
+            None
+            if conventional_spec is None
+            else measure_conventional_macs(spec, self.costs, conventional_spec)
         )
 
     @classmethod
     def from_run(cls, run_dir: Path, *, load_conventional: bool = True) -> TorchRuntime:
         """RUN_DIR/ee, and RUN_DIR/conventional when present: its weights only with `load_conventional`
         (the cloud runs it; the edge needs only its spec and MACs)."""
-        run = RunDir(Path(run_dir))
-        net, spec = load_checkpoint(run.ee)
-        if spec.kind != "early_exit" or spec.num_branches < 1:
-            raise UserError(f"{run.ee} holds a model without side branches; expected the EE-DNN")
-        conv_net = conv_spec = None
-        if (run.conventional / SPEC).is_file():
-            if load_conventional:
-                conv_net, conv_spec = load_checkpoint(run.conventional)
-            else:
-                conv_spec = load_spec(run.conventional)
+        specs = run_specs(run_dir)
+        net, spec = load_checkpoint(specs.run.ee)
+        check_ee_spec(spec, specs.run.ee)
+        conv_net, conv_spec = None, specs.conventional
+        if conv_spec is not None and load_conventional:
+            conv_net, conv_spec = load_checkpoint(specs.run.conventional)
         return cls(net, spec, conventional_net=conv_net, conventional_spec=conv_spec)
 
     @property
@@ -155,3 +187,7 @@ class TorchRuntime(Runtime):
 def load_runtime(run_dir: Path, name: str = "torch", *, load_conventional: bool = True) -> Runtime:
     """The run's models in runtime `name` (see RUNTIMES); an unknown name lists the known ones."""
     return RUNTIMES.get(name).from_run(Path(run_dir), load_conventional=load_conventional)
+
+
+# The ONNX Runtime backend registers itself as "onnx"; its module imports onnxruntime only when it loads a run.
+from edgeexit import onnx_runtime as _onnx_runtime  # noqa: E402, F401

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from edgeexit.cli import runs, serve
+from edgeexit.cli import export, runs, serve
 from edgeexit.cli.common import COMMANDS, command
 from edgeexit.errors import EdgeExitError
 from edgeexit.threads import prepare_environment
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         runs.add_train,
         runs.add_calibrate,
         runs.add_evaluate,
+        export.add_export,
         serve.add_serve_cloud,
         serve.add_serve_edge,
         serve.add_classify,
