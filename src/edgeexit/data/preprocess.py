@@ -49,6 +49,20 @@ class Preprocessing:
         object.__setattr__(self, "std", _check_stats("std", self.std))
         if any(s <= 0 for s in self.std):
             raise UserError(f"preprocessing std must be positive, got {self.std}")
+        # mean and std as [3, 1, 1] tensors per device, made once: the edge normalises one image per call,
+        # where building them each time cost as much as the arithmetic (BENCHMARKS.md, edge runner).
+        object.__setattr__(self, "_stats", {})
+
+    def _stats_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        stats = self._stats.get(device)  # type: ignore[attr-defined]
+        if stats is None:
+            with torch.inference_mode(False):  # ordinary tensors, usable by training too
+                stats = tuple(
+                    torch.tensor(v, dtype=torch.float32, device=device).view(3, 1, 1)
+                    for v in (self.mean, self.std)
+                )
+            self._stats[device] = stats  # type: ignore[attr-defined]
+        return stats
 
     def to_uint8(self, img: Image.Image) -> torch.Tensor:
         """uint8 [3, input_size, input_size]; an image already at input_size x input_size is taken as is."""
@@ -75,8 +89,7 @@ class Preprocessing:
             raise UserError(f"normalize expects a uint8 tensor, got {getattr(x, 'dtype', type(x))}")
         if x.ndim not in (3, 4) or x.shape[-3] != 3:
             raise UserError(f"normalize expects shape [B,3,H,W] or [3,H,W], got {tuple(x.shape)}")
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+        mean, std = self._stats_on(x.device)
         return (x.to(torch.float32) / 255.0 - mean) / std
 
     def to_dict(self) -> dict[str, Any]:

@@ -238,7 +238,12 @@ def reproduce(
 
 
 def _online(run: RunDir, cfg: RunConfig) -> None:
-    """The online stage, its edge runner computing like a deployed one (edgeexit.threads.SERVER_THREADS)."""
+    """The online stage, its edge runner computing like a deployed one (edgeexit.threads.SERVER_THREADS), on
+    runtime `cfg.runtime.backend` (onnx: the run is exported first, or again when the export is stale)."""
+    if cfg.runtime.backend == "onnx":
+        from edgeexit.onnx_export import ensure_onnx_export
+
+        ensure_onnx_export(run.root)
     with threads_for(SERVER_THREADS):
         _online_run(run, cfg)
 

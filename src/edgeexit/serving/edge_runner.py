@@ -217,7 +217,9 @@ class Runner(ABC):
         macs: int | None = None,
     ) -> EdgeAnswer:
         label = int(d.label[0])
-        return EdgeAnswer(
+        # Built without validation: every value is ours and already typed (validating cost ~15 us a call,
+        # a tenth of an exit-1 answer at 32 px on ONNX Runtime).
+        return EdgeAnswer.model_construct(
             label=label,
             class_name=self.spec.class_names[label],
             confidence=float(d.confidence[0]),
