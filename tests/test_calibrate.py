@@ -117,7 +117,12 @@ def test_ece_puts_confidence_one_in_the_last_bin_unlike_torchmetrics() -> None:
     # confidence 0 (a degenerate all-zero row) lands in the first bin, not outside every bin
     from edgeexit.train.calibrate import confidence_bin
 
-    assert confidence_bin(torch.tensor([0.0, 1 / 15, 0.0667, 1.0], dtype=torch.float64), 15).tolist() == [0, 0, 1, 14]
+    assert confidence_bin(torch.tensor([0.0, 1 / 15, 0.0667, 1.0], dtype=torch.float64), 15).tolist() == [
+        0,
+        0,
+        1,
+        14,
+    ]
 
 
 def test_calibrated_probs() -> None:

@@ -325,8 +325,14 @@ def test_uncalibrated_run_without_conventional(tmp_path: Path, caplog: pytest.Lo
     spec = load_spec(RunDir(tiny.root).ee)
     assert spec.temperatures is not None and len(spec.temperatures) == 4
     assert spec.ensemble_weights is not None and len(spec.ensemble_weights) == 3
-    assert sorted(records.strategy.unique()) == ["ee", "ensemble", "ensemble-mean", "entropy"]
-    assert len(summary) == 4
+    assert sorted(records.strategy.unique()) == [
+        "ee",
+        "ensemble",
+        "ensemble-mean",
+        "ensemble-unnormalised",
+        "entropy",
+    ]
+    assert len(summary) == 5
 
 
 @pytest.mark.parametrize(

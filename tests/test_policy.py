@@ -323,6 +323,8 @@ def test_spec_policy_takes_validation_accuracies_of_the_side_branches() -> None:
     assert spec_policy("ensemble-unnormalised", 0.8, spec).branch_accuracies == [0.9, 0.8, 0.7]
     assert spec_policy("ensemble", 0.8, spec).ensemble_weights == [0.5, 0.3, 0.2]
     with pytest.raises(UserError, match="validation accuracy"):
-        spec_policy("ensemble-unnormalised", 0.8, SimpleNamespace(ensemble_weights=None, exit_val_accuracy=None))
+        spec_policy(
+            "ensemble-unnormalised", 0.8, SimpleNamespace(ensemble_weights=None, exit_val_accuracy=None)
+        )
     with pytest.raises(UserError, match="in \\[0, 1\\]"):
         make_policy("ensemble-unnormalised", 0.8, branch_accuracies=[1.5])

@@ -36,7 +36,7 @@ N = 24
 LEVELS = [0.0, 1.2]  # gaussian blur sigma
 ALPHA = 0.5
 KS = [2, 3]
-STRATEGIES = ["ee", "ensemble", "ensemble-mean", "entropy", "conventional"]
+STRATEGIES = ["ee", "ensemble", "ensemble-unnormalised", "ensemble-mean", "entropy", "conventional"]
 
 
 @pytest.fixture(scope="module")

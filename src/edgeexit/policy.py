@@ -238,7 +238,9 @@ class UnnormalisedEnsemblePolicy(_EnsemblePolicy):
         return self.branch_accuracies[:k]
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(threshold={self.threshold}, branch_accuracies={self.branch_accuracies})"
+        return (
+            f"{type(self).__name__}(threshold={self.threshold}, branch_accuracies={self.branch_accuracies})"
+        )
 
 
 @POLICIES.register("ensemble-mean")

@@ -41,6 +41,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MODES = choices("calibration.mode")  # per_exit, global
+ECE_WORSE_TOLERANCE = 5e-4  # "worse after calibration": by more than rounding at 4 decimals
 TEMPERATURE_RANGE = (0.01, 100.0)  # outside it a temperature says more about the model than about calibration
 
 
@@ -162,7 +163,7 @@ def _reliability_png(
     grid = fig.add_gridspec(2, 2, height_ratios=(3, 1))
     width = 1 / bins
     centers = (np.arange(bins) + 0.5) / bins
-    worse = eces[1] > eces[0]
+    worse = eces[1] - eces[0] > ECE_WORSE_TOLERANCE
     top0 = None
     for j, (probs, name, ece) in enumerate(zip((before, after), ("before", "after"), eces, strict=True)):
         ax = fig.add_subplot(grid[0, j], sharey=top0)
@@ -282,7 +283,7 @@ def _calibrate_model(
             png, _reliability_png(p0, p1, y, c.bins, title, (row["ece_before"], row["ece_after"]))
         )
         row["diagram"] = png.name
-        row["ece_worse_after"] = bool(row["ece_after"] > row["ece_before"])
+        row["ece_worse_after"] = bool(row["ece_after"] - row["ece_before"] > ECE_WORSE_TOLERANCE)
         if row["ece_worse_after"]:
             log.warning(
                 "%s exit %s: ECE got worse after temperature scaling (%.4f -> %.4f); temperature scaling "
