@@ -63,6 +63,7 @@ def _make_run(root: Path, *, calibrated: bool = True, conventional: bool = True)
         # Sharp temperatures spread the confidences of the random net: a mix of exits at alpha 0.5.
         spec.temperatures = [0.12, 0.2, 0.2, 0.3]
         spec.ensemble_weights = [0.2, 0.3, 0.5]
+        spec.exit_val_accuracy = [0.4, 0.6, 1.0, 0.9]  # ensemble-unnormalised: weights 0.4, 0.6, 1.0
     save_checkpoint(run.ee, net, spec)
     if conventional:
         conv, cspec = new_model("mobilenet_v2", kind="conventional", **common)

@@ -215,5 +215,5 @@ def test_reproduce_estimate_from_the_first_ee_epoch(tmp_path: Path, caplog: pyte
     with caplog.at_level(logging.INFO, logger="edgeexit.experiment.pipeline"):
         log_estimate(run, cfg, "calibrate", 75.0)
     (line,) = _messages(caplog, "edgeexit.experiment.pipeline", logging.INFO)
-    assert line.startswith("reproduce: 01:15 elapsed; the stages from calibrate on should take about 00:")
+    assert line.startswith("reproduce: 01:15 elapsed; the stages from calibrate on should take about 02:4")
     assert "calibrate 00:01" in line and "online not estimated" in line
