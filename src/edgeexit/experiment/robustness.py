@@ -240,7 +240,12 @@ def explain(
             text += f" ({100 * closed:.0f}% of it)"
         text += (
             f". On pristine images (σ = {lo_level:g}) it answers {_pct(b_lo)} right vs {_pct(a_lo)} "
-            f"(conventional {_pct(conv_lo)}): a cost of {100 * (a_lo - b_lo):+.1f} points."
+            f"(conventional {_pct(conv_lo)}): "
+            + (
+                f"a cost of {100 * (a_lo - b_lo):.1f} points."
+                if a_lo > b_lo
+                else f"no cost ({100 * (b_lo - a_lo):.1f} points better)."
+            )
         )
         out.append(text)
     else:
