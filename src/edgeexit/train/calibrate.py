@@ -159,7 +159,7 @@ def _reliability_png(
 ) -> bytes:
     """Two panels (before / after scaling): accuracy per Guo confidence bin against the diagonal, the gap to
     the bin's mean confidence coloured by its direction, and the images per bin below."""
-    fig = Figure(figsize=(9.5, 5.4), layout="constrained")
+    fig = Figure(figsize=(9.5, 6.0), layout="constrained")
     grid = fig.add_gridspec(2, 2, height_ratios=(3, 1))
     width = 1 / bins
     centers = (np.arange(bins) + 0.5) / bins
@@ -227,7 +227,8 @@ def _reliability_png(
         if j == 0:
             ax.set_ylabel("accuracy in the bin")
             hist.set_ylabel("images")
-    top0.legend(loc="upper left", fontsize="x-small")
+    handles, names = top0.get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=2, fontsize="small", frameon=False)
     fig.suptitle(title, fontsize=11)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
