@@ -236,7 +236,10 @@ def direct_records(
         else:
             x = distort(images, grid.distortion, level, seeds=ids.tolist())
             edge, final = _split_probs(net, spec, x, prep, k, batch_size)
-            policy = policy_for(strategy, alpha, spec.ensemble_weights)
+            val = spec.exit_val_accuracy
+            policy = policy_for(
+                strategy, alpha, spec.ensemble_weights, branch_accuracies=val[:-1] if val else None
+            )
             conf, pred = final.max(dim=1)
             exit_t = torch.full(pred.shape, CLOUD, dtype=torch.int64)
             pending = torch.ones(pred.shape, dtype=torch.bool)

@@ -133,10 +133,48 @@ def test_summarize_by_hand() -> None:
     assert a["mean_gflops"] == pytest.approx(2 * 25 / 1e9)
     assert a["mean_gflops_hi"] == pytest.approx(2 * ref[1] / 1e9)
     assert (a["offload_failed_share"], b["offload_failed_share"]) == (0.25, 0.0)
-    ref = stats.t.interval(0.95, 2, loc=2.0, scale=stats.sem([1.0, 2.0, 3.0]))
+    # the t interval of these times would be [-0.48, 4.48] ms: the bootstrap stays within [1, 3]
     assert (a["n_timed"], a["mean_time_ms"]) == (3, 2.0)
-    assert (a["mean_time_ms_lo"], a["mean_time_ms_hi"]) == pytest.approx(ref)
-    assert b["n_timed"] == 0 and math.isnan(b["mean_time_ms"])
+    assert 1.0 <= a["mean_time_ms_lo"] < 2.0 < a["mean_time_ms_hi"] <= 3.0
+    assert (a["time_p50_ms"], a["time_p99_ms"]) == (2.0, pytest.approx(2.98))
+    assert b["n_timed"] == 0 and math.isnan(b["mean_time_ms"]) and math.isnan(b["time_p95_ms"])
+
+
+def test_bootstrap_mean_interval_matches_scipy_and_is_never_negative() -> None:
+    from edgeexit.evaluate.aggregate import bootstrap_mean_interval
+
+    rng = np.random.default_rng(1)
+    # skewed times: mostly ~2 ms edge answers, a few ~25 ms round trips (the shape of the online run)
+    times = np.concatenate([rng.gamma(2.0, 1.0, 180), 25 + rng.gamma(2.0, 1.0, 20)])
+    mean, lo, hi = bootstrap_mean_interval(times)
+    ref = stats.bootstrap(
+        (times,), np.mean, n_resamples=2000, method="BCa", random_state=np.random.default_rng(0)
+    )
+    assert mean == pytest.approx(times.mean())
+    assert (lo, hi) == pytest.approx((ref.confidence_interval.low, ref.confidence_interval.high))
+    assert bootstrap_mean_interval(times) == (mean, lo, hi)  # seeded
+    for n in (2, 3, 5, 20):  # tiny, heavily skewed samples: t intervals go below 0 here, these never do
+        for seed in range(20):
+            x = np.random.default_rng(seed).exponential(1.0, n) ** 3
+            m, a, b = bootstrap_mean_interval(x)
+            assert 0 <= x.min() <= a <= m <= b <= x.max()
+    assert bootstrap_mean_interval([4.0]) == (4.0, 4.0, 4.0)
+    assert bootstrap_mean_interval([3.0, 3.0]) == (3.0, 3.0, 3.0)
+    assert all(math.isnan(v) for v in bootstrap_mean_interval([np.nan]))
+
+
+def test_deadline_table_counts_misses_with_wilson_intervals() -> None:
+    from edgeexit.evaluate.aggregate import deadline_table
+
+    rows = [{"correct": True, "at_edge": True, "macs": 1, "time_ms": t} for t in (1.0, 4.0, 9.0, 30.0)]
+    rows.append({"correct": True, "at_edge": True, "macs": 1})  # untimed: left out
+    d = deadline_table(_records(rows), [0.5, 4.0, 10.0, 50.0])
+    assert d["n_timed"].tolist() == [4] * 4
+    assert d["met"].tolist() == [0, 2, 3, 4]  # time <= deadline counts as met
+    assert d["miss_prob"].tolist() == [1.0, 0.5, 0.25, 0.0]
+    ci = stats.binomtest(1, 4).proportion_ci(method="wilson")
+    assert (d["miss_prob_lo"][2], d["miss_prob_hi"][2]) == pytest.approx((ci.low, ci.high))
+    assert (d["miss_prob_lo"] >= 0).all() and (d["miss_prob_hi"] <= 1).all()
 
 
 def test_summarize_other_groupings() -> None:

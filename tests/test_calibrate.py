@@ -68,6 +68,63 @@ def test_expected_calibration_error_by_hand() -> None:
     assert expected_calibration_error(probs, labels) == pytest.approx(0.35, abs=1e-6)
 
 
+def _guo_ece_reference(probs: torch.Tensor, labels: torch.Tensor, bins: int) -> float:
+    """ECE written from Guo et al. (2017), one sample at a time: bin m holds ((m-1)/M, m/M]; 0 joins bin 1."""
+    members: dict[int, list[tuple[float, bool]]] = {m: [] for m in range(1, bins + 1)}
+    for row, y in zip(probs.tolist(), labels.tolist(), strict=True):
+        c = max(row)
+        pred = row.index(c)
+        for m in range(1, bins + 1):
+            if (m - 1) / bins < c <= m / bins or (m == 1 and c == 0.0):
+                members[m].append((c, pred == y))
+                break
+    n = len(labels)
+    total = 0.0
+    for group in members.values():
+        if group:
+            acc = sum(ok for _, ok in group) / len(group)
+            conf = sum(c for c, _ in group) / len(group)
+            total += len(group) / n * abs(acc - conf)
+    return total
+
+
+@pytest.mark.parametrize("bins", [1, 10, 15])
+def test_ece_matches_guo_reference_unsaturated_and_saturated(bins: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(500, 10, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, 10, (500,), generator=g)
+    labels[:300] = z[:300].argmax(1)
+    unsaturated = torch.softmax(z, 1)
+    saturated = torch.softmax(z * 200, 1).float()  # T << 1 in float32: most top probabilities are exactly 1.0
+    assert (saturated.max(1).values == 1.0).float().mean() > 0.5
+    for probs in (unsaturated, saturated):
+        assert expected_calibration_error(probs, labels, bins) == pytest.approx(
+            _guo_ece_reference(probs, labels, bins), abs=1e-12
+        )
+
+
+def test_ece_puts_confidence_one_in_the_last_bin_unlike_torchmetrics() -> None:
+    from torchmetrics.classification import MulticlassCalibrationError
+
+    # 10 samples at confidence 1.0 (9 right) and 10 at 0.97 (all right), 15 bins: one Guo bin (14/15, 1]
+    # holds all 20 -> |0.95 - 0.985| = 0.035; torchmetrics puts the 1.0s in a 16th bin of their own:
+    # 0.5 * |0.9 - 1.0| + 0.5 * |1.0 - 0.97| = 0.065.
+    probs = torch.tensor([[1.0, 0.0]] * 10 + [[0.97, 0.03]] * 10)
+    labels = torch.tensor([0] * 9 + [1] + [0] * 10)
+    assert expected_calibration_error(probs, labels, 15) == pytest.approx(0.035, abs=1e-6)
+    tm = float(MulticlassCalibrationError(num_classes=2, n_bins=15, norm="l1")(probs, labels))
+    assert tm == pytest.approx(0.065, abs=1e-6)
+    # confidence 0 (a degenerate all-zero row) lands in the first bin, not outside every bin
+    from edgeexit.train.calibrate import confidence_bin
+
+    assert confidence_bin(torch.tensor([0.0, 1 / 15, 0.0667, 1.0], dtype=torch.float64), 15).tolist() == [
+        0,
+        0,
+        1,
+        14,
+    ]
+
+
 def test_calibrated_probs() -> None:
     z = [torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.5, 1.5, 0.0]])]
     plain = calibrated_probs(z, None)

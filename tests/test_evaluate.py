@@ -63,6 +63,7 @@ def _make_run(root: Path, *, calibrated: bool = True, conventional: bool = True)
         # Sharp temperatures spread the confidences of the random net: a mix of exits at alpha 0.5.
         spec.temperatures = [0.12, 0.2, 0.2, 0.3]
         spec.ensemble_weights = [0.2, 0.3, 0.5]
+        spec.exit_val_accuracy = [0.4, 0.6, 1.0, 0.9]  # ensemble-unnormalised: weights 0.4, 0.6, 1.0
     save_checkpoint(run.ee, net, spec)
     if conventional:
         conv, cspec = new_model("mobilenet_v2", kind="conventional", **common)
@@ -325,8 +326,14 @@ def test_uncalibrated_run_without_conventional(tmp_path: Path, caplog: pytest.Lo
     spec = load_spec(RunDir(tiny.root).ee)
     assert spec.temperatures is not None and len(spec.temperatures) == 4
     assert spec.ensemble_weights is not None and len(spec.ensemble_weights) == 3
-    assert sorted(records.strategy.unique()) == ["ee", "ensemble", "ensemble-mean", "entropy"]
-    assert len(summary) == 4
+    assert sorted(records.strategy.unique()) == [
+        "ee",
+        "ensemble",
+        "ensemble-mean",
+        "ensemble-unnormalised",
+        "entropy",
+    ]
+    assert len(summary) == 5
 
 
 @pytest.mark.parametrize(

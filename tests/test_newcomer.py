@@ -195,7 +195,7 @@ def test_reproduce_estimate_from_the_first_ee_epoch(tmp_path: Path, caplog: pyte
     cfg.train.epochs, cfg.train.batch_size = 10, 100
     cfg.train.conventional = "separate"
     cfg.experiment.levels = [0.0, 1.0]
-    names = ["train_ee", "train_conventional", "calibrate", "evaluate", "online"]
+    names = ["train_ee", "train_conventional", "calibrate", "evaluate", "ablation", "online"]
     assert estimate_stages(run, cfg, names) == dict.fromkeys(names)  # nothing before the first epoch
     split = make_split(np.repeat(np.arange(2), 500), 0)  # 800 train, 100 val, 100 test
     split.save(run.split)
@@ -208,11 +208,12 @@ def test_reproduce_estimate_from_the_first_ee_epoch(tmp_path: Path, caplog: pyte
     assert est["train_conventional"] == pytest.approx(10 * 8 * s)
     assert est["calibrate"] == pytest.approx(2 * 100 * s / 300)
     assert est["evaluate"] == pytest.approx(2 * 2 * 100 * s / 300)
+    assert est["ablation"] == pytest.approx(10 * 8 * s + 100 * s / 300 + 2 * 100 * s / 300)
     assert est["online"] is None
     cfg.train.conventional = "final_exit"
     assert estimate_stages(run, cfg, ["train_conventional"]) == {"train_conventional": 0.0}
     with caplog.at_level(logging.INFO, logger="edgeexit.experiment.pipeline"):
         log_estimate(run, cfg, "calibrate", 75.0)
     (line,) = _messages(caplog, "edgeexit.experiment.pipeline", logging.INFO)
-    assert line.startswith("reproduce: 01:15 elapsed; the stages from calibrate on should take about 00:")
+    assert line.startswith("reproduce: 01:15 elapsed; the stages from calibrate on should take about 02:4")
     assert "calibrate 00:01" in line and "online not estimated" in line

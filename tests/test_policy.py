@@ -289,3 +289,42 @@ def test_executed_macs_of_a_real_sweep() -> None:
     assert executed_macs(COSTS, out, 3).tolist() == [11, 33, 66, 111]
     out = run("ensemble", 0.8, 3, WEIGHTS)  # exits [3, cloud, cloud, cloud]
     assert executed_macs(COSTS, out, 3).tolist() == [66, 111, 111, 111]
+
+
+def test_unnormalised_ensemble_is_the_papers_eq1_by_hand() -> None:
+    # p_E = 0.9 p1 + 0.8 p2 + 0.7 p3 (no normalisation): the top "confidences" are 2.4x the weighted
+    # ensemble's: s0 2.135, s1 1.51, s2 1.754, s3 0.915 -- all pass alpha = 0.9, though none is a probability.
+    out = apply_policy(make_policy("ensemble-unnormalised", 0.9, branch_accuracies=WEIGHTS), EDGE, FINAL)
+    check(out, [3, 3, 3, 3], [3, 3, 3, 3], [0, 1, 1, 0], [2.135, 1.51, 1.754, 0.915])
+    # k = 1: one branch weighted by its accuracy 0.9 -> s0 0.855 passes 0.8, s2 0.63 does not
+    out = apply_policy(make_policy("ensemble-unnormalised", 0.8, branch_accuracies=WEIGHTS), EDGE[:1], FINAL)
+    assert out.exit.tolist() == [1, 0, 0, 0]
+
+
+def test_unnormalised_ensemble_exits_whenever_the_normalised_one_does_if_weights_sum_past_one() -> None:
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        edge = [torch.softmax(2 * torch.randn(64, 5, generator=gen), dim=1) for _ in range(3)]
+        acc = (0.4 + 0.6 * torch.rand(3, generator=gen)).tolist()  # sum > 1
+        norm = apply_policy(make_policy("ensemble", 0.8, acc), edge, FINAL[:1].repeat(64, 1))
+        raw = apply_policy(
+            make_policy("ensemble-unnormalised", 0.8, branch_accuracies=acc), edge, FINAL[:1].repeat(64, 1)
+        )
+        assert bool((raw.at_edge | ~norm.at_edge).all())
+        assert torch.equal(raw.label[norm.at_edge], norm.label[norm.at_edge])  # same argmax
+
+
+def test_spec_policy_takes_validation_accuracies_of_the_side_branches() -> None:
+    from types import SimpleNamespace
+
+    from edgeexit.policy import spec_policy
+
+    spec = SimpleNamespace(ensemble_weights=[0.5, 0.3, 0.2], exit_val_accuracy=[0.9, 0.8, 0.7, 0.99])
+    assert spec_policy("ensemble-unnormalised", 0.8, spec).branch_accuracies == [0.9, 0.8, 0.7]
+    assert spec_policy("ensemble", 0.8, spec).ensemble_weights == [0.5, 0.3, 0.2]
+    with pytest.raises(UserError, match="validation accuracy"):
+        spec_policy(
+            "ensemble-unnormalised", 0.8, SimpleNamespace(ensemble_weights=None, exit_val_accuracy=None)
+        )
+    with pytest.raises(UserError, match="in \\[0, 1\\]"):
+        make_policy("ensemble-unnormalised", 0.8, branch_accuracies=[1.5])

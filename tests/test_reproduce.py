@@ -40,20 +40,61 @@ def quick_run(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_quick_reproduce_writes_report_figures_and_consistent_records(quick_run: Path) -> None:
+    from test_report import empty_columns, parse_report
+
     stages = json.loads((quick_run / "stages.json").read_text())
-    assert set(stages) == {"train_ee", "train_conventional", "calibrate", "evaluate", "online"}
-    for name in ("fig3_accuracy", "fig4_early_exit", "fig5_flops", "fig6_time"):
+    assert set(stages) == {"train_ee", "train_conventional", "calibrate", "evaluate", "ablation", "online"}
+    for name in (
+        "fig3_accuracy",
+        "fig4_early_exit",
+        "fig5_flops",
+        "fig6_time",
+        "fig6_time_p95",
+        "fig6_time_p99",
+        "fig7_deadlines",
+        "robustness_exits",
+        "robustness_confidently_wrong",
+    ):
         assert (quick_run / "figures" / f"{name}.png").stat().st_size > 10_000
     html = (quick_run / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 4
+    assert html.count("data:image/png;base64,") >= 10
+    parsed = parse_report(quick_run / "report.html")
+    assert parsed.h2[:3] == [
+        "Findings of the paper, checked on this run",
+        "Robustness under blur, explained",
+        "Figures",
+    ]
+    assert parsed.h2[3].startswith("Tables") and parsed.h2[-1] == "Stage timings"
+    assert empty_columns(parsed) == [] and parsed.external == []
+    verdicts = {"reproduced", "NOT reproduced", "holds by construction", "no data"}
+    assert parsed.tables[0][0] == ["finding (paper)", "verdict", "numbers that decide it"]
+    assert all(row[1] in verdicts for row in parsed.tables[0][1:]) and len(parsed.tables[0]) == 10
     md = (quick_run / "report.md").read_text()
-    assert "reproduced" in md and "Link" in md
+    assert "Distortion-aware ablation" in md and "Eq. 1" in md and "Link" in md
+    # honest times: no interval has a negative bound; percentiles and the missed-deadline table are written
+    summary = pd.read_csv(quick_run / "online" / "summary.csv")
+    for col in ("mean_time_ms_lo", "mean_time_ms_hi", "time_p50_ms", "time_p95_ms", "time_p99_ms"):
+        assert (summary[col] >= 0).all(), col
+    assert (summary["mean_time_ms_lo"] <= summary["mean_time_ms"]).all()
+    assert (summary["time_p50_ms"] <= summary["time_p99_ms"]).all()
+    deadlines = pd.read_csv(quick_run / "online" / "deadlines.csv")
+    assert deadlines["miss_prob"].between(0, 1).all() and set(deadlines["strategy"]) == set(
+        summary["strategy"]
+    )
+    ablation = pd.read_csv(quick_run / "ablation_blur" / "summary.csv")
+    assert set(ablation["strategy"]) == {"ee", "ensemble"}
+    assert (
+        json.loads((quick_run / "ablation_blur" / "config.json").read_text())["train"]["distortion"]
+        == "gaussian_blur"
+    )
+    for name in ("exit_accuracy", "confidently_wrong", "ee_errors"):
+        assert (quick_run / "robustness" / f"{name}.csv").is_file()
     link = json.loads((quick_run / "link.json").read_text())
     assert link["emulated"] and abs(link["measured"]["rtt_ms_min"] - 11.91) / 11.91 < 0.5
 
     offline = pd.read_parquet(quick_run / "records.parquet")
     online = pd.concat([pd.read_parquet(p) for p in (quick_run / "online").glob("*.parquet")])
-    assert set(online["strategy"]) == {"ee", "ensemble", "conventional"}
+    assert set(online["strategy"]) == {"ee", "ensemble", "ensemble-unnormalised", "conventional"}
     assert (online["outcome"] == "ok").all() and online["time_ms"].gt(0).all()
     # the online system takes the offline engine's decisions for the same images (one Policy implementation)
     # (offline conventional rows repeat for every alpha and k; online, each image is sent once, alpha NaN, k 0)
@@ -64,7 +105,9 @@ def test_quick_reproduce_writes_report_figures_and_consistent_records(quick_run:
     online = online.assign(alpha=online["alpha"].fillna(-1.0))
     keys = ["level", "strategy", "alpha", "k", "sample_id"]
     both = online.merge(offline, on=keys, suffixes=("_on", "_off"))
-    assert len(both) == len(online) == 400
+    assert (
+        len(both) == len(online) == 4 * 20 * (3 * 2 + 1)
+    )  # levels x images x (3 policies x 2 alphas + conv)
     assert (both["exit_on"] == both["exit_off"]).all()
     assert (both["prediction_on"] == both["prediction_off"]).all()
     assert (both["macs_on"] == both["macs_off"]).all()
@@ -87,7 +130,7 @@ def test_rerun_skips_finished_stages_and_resumes_the_online_run(quick_run: Path)
 
     result = _cli(*QUICK, "--out", str(quick_run))
     assert result.returncode == 0, result.stderr[-3000:]
-    for stage in ("train_ee", "train_conventional", "calibrate", "evaluate"):
+    for stage in ("train_ee", "train_conventional", "calibrate", "evaluate", "ablation"):
         assert f"{stage}: up to date" in result.stdout
     assert missing.is_file()  # the missing level was run again ...
     assert online_files[0].stat().st_mtime_ns == kept  # ... and the finished ones were not

@@ -39,7 +39,7 @@ N = 24
 LEVELS = [0.0, 1.2]  # gaussian blur sigma
 ALPHA = 0.5
 KS = [2, 3]
-STRATEGIES = ["ee", "ensemble", "ensemble-mean", "entropy", "conventional"]
+STRATEGIES = ["ee", "ensemble", "ensemble-unnormalised", "ensemble-mean", "entropy", "conventional"]
 RUNTIMES = ["torch", "onnx"]
 NEAR = 1e-4  # runtime onnx: a decision may flip where the policy's score lies this close to alpha
 

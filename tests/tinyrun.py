@@ -39,6 +39,7 @@ def build_tiny_run(root: Path, *, conventional: bool = True) -> RunConfig:
     settle_batchnorm(net, x)
     spec.temperatures = [0.12, 0.2, 0.2, 0.3]  # sharp: spreads the random net's confidences
     spec.ensemble_weights = [0.2, 0.3, 0.5]
+    spec.exit_val_accuracy = [0.4, 0.6, 1.0, 0.9]  # ensemble-unnormalised: weights 0.4, 0.6, 1.0
     save_checkpoint(run.ee, net, spec)
     if conventional:
         conv, cspec = new_model("mobilenet_v2", kind="conventional", **common)

@@ -193,14 +193,21 @@ class ExperimentConfig(_Model):
     )
     edge_branches: Annotated[list[StrictInt], Field(min_length=1)] = Field(default_factory=lambda: [1, 2, 3])
     strategies: Annotated[list[StrategyName], Field(min_length=1)] = Field(
-        default_factory=lambda: ["ee", "ensemble", "ensemble-mean", "entropy", "conventional"]
+        default_factory=lambda: [
+            "ee",
+            "ensemble",
+            "ensemble-unnormalised",
+            "ensemble-mean",
+            "entropy",
+            "conventional",
+        ]
     )
     batch_size: Count = 256
     online_k: StrictInt = 3
     online_strategies: Annotated[list[StrategyName], Field(min_length=1)] = Field(
-        default_factory=lambda: ["ee", "ensemble", "conventional"]
+        default_factory=lambda: ["ee", "ensemble", "ensemble-unnormalised", "conventional"]
     )
-    online_images: NonNegative = 100  # test images per blur level in the online run; 0 = the whole test split
+    online_images: NonNegative = 200  # test images per blur level in the online run; 0 = the whole test split
     precision: Literal["fp32", "fp16", "int8"] = "fp32"  # wire precision of the offloaded tensor
     seed: NonNegative = 0
 

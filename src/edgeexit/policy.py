@@ -7,7 +7,8 @@ row-independent, so both paths take the same decisions for the same inputs.
 
 Deviation from the paper's Eq. 1: the ensemble weights (each branch's *validation* accuracy) are
 renormalised to sum to 1 over the k branches used, so the ensemble's confidence is a probability
-and can be compared with alpha in [0, 1].
+and can be compared with alpha in [0, 1]. The paper's own rule, p_E = sum_i Acc_i p_i with the raw
+validation accuracies (a "confidence" that can exceed 1), is kept as the ablation `ensemble-unnormalised`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ CLOUD = 0
 # The conventional DNN is a model role, not a policy: it runs whole in the cloud and never decides at the edge.
 # It is still a strategy a user compares against (records, configs, figures), under this name.
 CONVENTIONAL = "conventional"
-POLICY_NAMES = ("ee", "ensemble", "ensemble-mean", "entropy")
+POLICY_NAMES = ("ee", "ensemble", "ensemble-unnormalised", "ensemble-mean", "entropy")
+# the policies that need per-branch weights (`policy_for`'s ensemble_weights / branch_accuracies)
+WEIGHTED = ("ensemble", "ensemble-unnormalised")
 STRATEGIES = (*POLICY_NAMES, CONVENTIONAL)
 
 
@@ -203,6 +206,43 @@ class WeightedEnsemblePolicy(_EnsemblePolicy):
         return f"{type(self).__name__}(threshold={self.threshold}, ensemble_weights={self.ensemble_weights})"
 
 
+@POLICIES.register("ensemble-unnormalised")
+class UnnormalisedEnsemblePolicy(_EnsemblePolicy):
+    """The paper's Eq. 1 as written: p_E = sum_i Acc_i p_i with each branch's raw validation accuracy Acc_i.
+
+    The weights are not normalised, so max p_E can exceed 1 and passes alpha more easily than a probability
+    would: an ablation that shows the paper's finding under the paper's own rule. The accuracies come from the
+    validation split (the spec's `exit_val_accuracy`), never from the test set.
+    """
+
+    name = "ensemble-unnormalised"
+
+    def __init__(self, threshold: float, branch_accuracies: Sequence[float] | None = None) -> None:
+        super().__init__(threshold)
+        if branch_accuracies is None or len(branch_accuracies) == 0:
+            raise UserError(
+                "strategy 'ensemble-unnormalised' needs each branch's validation accuracy "
+                "(exit_val_accuracy in the spec): run `edgeexit calibrate`"
+            )
+        ws = [float(w) for w in branch_accuracies]
+        if any(not math.isfinite(w) or not 0 <= w <= 1 for w in ws):
+            raise UserError(f"branch accuracies must be in [0, 1], got {list(branch_accuracies)}")
+        self.branch_accuracies = ws
+
+    def _weights(self, k: int) -> list[float]:
+        if len(self.branch_accuracies) < k:
+            raise UserError(
+                f"strategy 'ensemble-unnormalised' with k={k} needs {k} branch accuracies, "
+                f"got {len(self.branch_accuracies)}"
+            )
+        return self.branch_accuracies[:k]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(threshold={self.threshold}, branch_accuracies={self.branch_accuracies})"
+        )
+
+
 @POLICIES.register("ensemble-mean")
 class MeanEnsemblePolicy(_EnsemblePolicy):
     """Branch ensemble with equal weights 1/k (Qendro et al.)."""
@@ -219,8 +259,15 @@ def threshold_for(strategy: str, alpha: float) -> float:
     return 1.0 - alpha if strategy == "entropy" else alpha
 
 
-def make_policy(name: str, threshold: float, ensemble_weights: Sequence[float] | None = None) -> Policy:
-    """The policy registered as `name` with its threshold; only 'ensemble' uses `ensemble_weights`."""
+def make_policy(
+    name: str,
+    threshold: float,
+    ensemble_weights: Sequence[float] | None = None,
+    *,
+    branch_accuracies: Sequence[float] | None = None,
+) -> Policy:
+    """The policy registered as `name` with its threshold; only 'ensemble' uses `ensemble_weights` and only
+    'ensemble-unnormalised' `branch_accuracies` (each side branch's validation accuracy)."""
     if name == CONVENTIONAL:
         raise UserError(
             "'conventional' is the cloud-only DNN, not an edge policy; known policies: "
@@ -229,12 +276,35 @@ def make_policy(name: str, threshold: float, ensemble_weights: Sequence[float] |
     factory = POLICIES.get(name)
     if name == "ensemble":
         return factory(threshold, ensemble_weights)
+    if name == "ensemble-unnormalised":
+        return factory(threshold, branch_accuracies)
     return factory(threshold)
 
 
-def policy_for(strategy: str, alpha: float, ensemble_weights: Sequence[float] | None = None) -> Policy:
+def policy_for(
+    strategy: str,
+    alpha: float,
+    ensemble_weights: Sequence[float] | None = None,
+    *,
+    branch_accuracies: Sequence[float] | None = None,
+) -> Policy:
     """The policy of `strategy` at strictness alpha (see `threshold_for`)."""
-    return make_policy(strategy, threshold_for(strategy, alpha), ensemble_weights)
+    return make_policy(
+        strategy, threshold_for(strategy, alpha), ensemble_weights, branch_accuracies=branch_accuracies
+    )
+
+
+def spec_policy(strategy: str, alpha: float, spec: object) -> Policy:
+    """`policy_for` with the weights a calibrated model spec holds: `ensemble_weights` (normalised validation
+    accuracies) and the side branches' raw validation accuracies (`exit_val_accuracy` without the final exit).
+    The one way the sweep and the edge runner build a policy from a model."""
+    val = getattr(spec, "exit_val_accuracy", None)
+    return policy_for(
+        strategy,
+        alpha,
+        getattr(spec, "ensemble_weights", None),
+        branch_accuracies=list(val[:-1]) if val else None,
+    )
 
 
 def apply_policy(policy: Policy, edge_probs: Sequence[torch.Tensor], final_probs: torch.Tensor) -> Outcome:

@@ -48,7 +48,7 @@ from edgeexit.evaluate.records import (
 from edgeexit.model.checkpoint import SPEC, load_checkpoint, load_spec
 from edgeexit.model.costs import PRECISION_BYTES, CostTable, cost_table
 from edgeexit.model.spec import ModelSpec
-from edgeexit.policy import CLOUD, CONVENTIONAL, Outcome, apply_policy, policy_for
+from edgeexit.policy import CLOUD, CONVENTIONAL, Outcome, apply_policy, spec_policy
 from edgeexit.progress import progress
 from edgeexit.rundir import RunDir, prepare_data
 
@@ -217,7 +217,7 @@ def policy_columns(
         )
     out = RecordColumns()
     for alpha in alphas:
-        policy = policy_for(strategy, alpha, ee_spec.ensemble_weights)
+        policy = spec_policy(strategy, alpha, ee_spec)
         for k in edge_branches:
             outcome = apply_policy(policy, ee_probs[:k], ee_probs[-1])
             macs = costs.executed_macs(outcome.exit.numpy(), outcome.heads.numpy(), k)
@@ -336,6 +336,10 @@ def evaluate_run(
     if "ensemble" in grid.strategies and not spec.ensemble_weights:
         raise UserError(
             f"strategy 'ensemble' needs ensemble weights in {run.ee}/{SPEC}: run `edgeexit calibrate`"
+        )
+    if "ensemble-unnormalised" in grid.strategies and not spec.exit_val_accuracy:
+        raise UserError(
+            f"strategy 'ensemble-unnormalised' needs exit_val_accuracy in {run.ee}/{SPEC}: run `edgeexit calibrate`"
         )
     strategies_used = grid.strategies
     if CONVENTIONAL in strategies_used and conv_net is None:

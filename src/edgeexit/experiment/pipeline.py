@@ -20,15 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 from tqdm import tqdm
 
 from edgeexit.atomic import atomic_write_bytes
 from edgeexit.config import RunConfig, load_config
 from edgeexit.errors import UserError
-from edgeexit.evaluate.aggregate import summarize
+from edgeexit.evaluate.aggregate import deadline_table, summarize
 from edgeexit.experiment import figures
-from edgeexit.experiment.findings import check_findings
+from edgeexit.experiment.findings import check_findings, flops_text
 from edgeexit.experiment.online import run_online
 from edgeexit.experiment.report import Section, findings_table, write_report
 from edgeexit.experiment.servers import cloud_server_process
@@ -57,7 +56,10 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-STAGE_NAMES = ("train_ee", "train_conventional", "calibrate", "evaluate", "online")
+STAGE_NAMES = ("train_ee", "train_conventional", "calibrate", "evaluate", "ablation", "online")
+ABLATION_DIR = (
+    "ablation_blur"  # RUN_DIR/ablation_blur: the EE-DNN trained with blur augmentation, its own run
+)
 
 
 def _metrics_rows(run: RunDir, which: str) -> list[dict[str, Any]]:
@@ -99,6 +101,12 @@ def estimate_stages(run: RunDir, cfg: RunConfig, names: list[str]) -> dict[str, 
             out[name] = 2 * split.val.size * forward
         elif name == "evaluate":
             out[name] = len(cfg.experiment.levels) * 2 * split.test.size * forward
+        elif name == "ablation":  # one more EE-DNN from scratch, its calibration and its sweep
+            out[name] = (
+                t.epochs * train_batches * s
+                + split.val.size * forward
+                + len(cfg.experiment.levels) * split.test.size * forward
+            )
         else:
             out[name] = None
     return out
@@ -220,6 +228,18 @@ def reproduce(
 
     stages.run("evaluate", _key(models, cfg.experiment.model_dump()), lambda: evaluate_run(run.root, cfg))
     offline = pd.read_csv(run.summary)
+    acfg = ablation_config(cfg)
+    stages.run(
+        "ablation",
+        _key(
+            acfg.dataset.model_dump(),
+            acfg.model.model_dump(),
+            acfg.train.model_dump(),
+            acfg.calibration.model_dump(),
+            acfg.experiment.model_dump(),
+        ),
+        lambda: _ablation(run, acfg),
+    )
 
     online_key = _key(models, cfg.experiment.model_dump(), cfg.link.model_dump())
     key_file = run.online / "key"
@@ -234,7 +254,39 @@ def reproduce(
     )
     online_summary = summarize(online_records)
     online_summary.to_csv(run.online / "summary.csv", index=False)
-    return _report(run, cfg, offline, online_summary, stages)
+    deadlines = deadline_table(online_records)
+    deadlines.to_csv(run.online / "deadlines.csv", index=False)
+    return _report(run, cfg, offline, online_summary, deadlines, stages)
+
+
+def ablation_config(cfg: RunConfig) -> RunConfig:
+    """The distortion-aware ablation's config: the same EE-DNN recipe, each training batch distorted at a level
+    drawn from the evaluation grid (σ = 0 included, so pristine images stay in the mix); swept with EE-DNN and
+    the ensemble at k = online_k."""
+    exp = cfg.experiment
+    return cfg.updated(
+        [
+            ("train.distortion", exp.distortion),
+            ("train.distortion_levels", list(exp.levels)),
+            ("experiment.strategies", ["ee", "ensemble"]),
+            ("experiment.edge_branches", [exp.online_k]),
+        ]
+    )
+
+
+def _ablation(run: RunDir, acfg: RunConfig) -> None:
+    """Train, calibrate and sweep the blur-trained EE-DNN in RUN_DIR/ablation_blur (the main run's split)."""
+    from edgeexit.evaluate.sweep import evaluate_run
+    from edgeexit.train.calibrate import calibrate_run
+    from edgeexit.train.loop import train_model
+
+    sub = RunDir(run.root / ABLATION_DIR)
+    sub.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(sub.split, run.split.read_bytes())  # the same test images as the main run
+    sub.save_config(acfg)
+    train_model(sub.root, acfg, "ee", resume=True)
+    calibrate_run(sub.root, acfg)
+    evaluate_run(sub.root, acfg)
 
 
 def _online(run: RunDir, cfg: RunConfig) -> None:
@@ -279,68 +331,338 @@ def _write_link(run: RunDir, cfg: RunConfig, measurement: Any, emulated: bool) -
     log.info("link measured: %s", data["measured"])
 
 
-def exit_accuracy_table(run: RunDir, cfg: RunConfig) -> pd.DataFrame:
-    """Accuracy of every exit on its own (argmax, no early exit) per level, from the sweep's cached probabilities."""
-    from safetensors.torch import load_file
+NAMES = {
+    "ee": "EE-DNN",
+    "ensemble": "ensemble",
+    "ensemble-unnormalised": "ensemble (Eq. 1)",
+    "ensemble-mean": "ensemble (mean)",
+    "entropy": "entropy",
+    "conventional": "conventional (cloud)",
+}
 
-    from edgeexit.data.sources import load_dataset
-    from edgeexit.evaluate.cache import cache_path
 
-    labels = load_dataset(cfg.dataset.name, cfg.dataset.root).labels
+def _select(summary: pd.DataFrame, alpha: float, k: int, strategies: list[str]) -> pd.DataFrame:
+    rows = summary[summary["strategy"].isin(strategies)]
+    conv = rows["strategy"] == "conventional"
+    rows = pd.concat([rows[~conv & (rows["alpha"] == alpha) & (rows["k"] == k)], rows[conv]])
+    return rows.drop_duplicates(["strategy", "level"])
+
+
+def _cells(summary: pd.DataFrame, alpha: float, k: int, strategies: list[str], fmt) -> pd.DataFrame:
+    """σ rows x strategy columns, each cell fmt(row)."""
+    rows = _select(summary, alpha, k, strategies)
+    present = [s for s in strategies if s in set(rows["strategy"])]
+    out = {"σ": [f"{lv:g}" for lv in sorted(rows["level"].unique())]}
+    for st in present:
+        by_level = {r["level"]: r for _, r in rows[rows["strategy"] == st].iterrows()}
+        out[NAMES.get(st, st)] = [
+            fmt(by_level[lv]) if lv in by_level else "" for lv in sorted(rows["level"].unique())
+        ]
+    return pd.DataFrame(out)
+
+
+def _pct_ci(r: pd.Series, col: str) -> str:
+    return f"{100 * r[col]:.1f} [{100 * r[col + '_lo']:.1f}, {100 * r[col + '_hi']:.1f}]"
+
+
+def _flops_ci(unit_scale: float):
+    return lambda r: (
+        f"{2 * r['mean_macs'] * unit_scale:.2f} [{2 * r['mean_macs_lo'] * unit_scale:.2f}, "
+        f"{2 * r['mean_macs_hi'] * unit_scale:.2f}]"
+    )
+
+
+def _time_ci(r: pd.Series) -> str:
+    return f"{r['mean_time_ms']:.1f} [{r['mean_time_ms_lo']:.1f}, {r['mean_time_ms_hi']:.1f}]"
+
+
+def _time_tail(r: pd.Series) -> str:
+    return f"{r['time_p50_ms']:.1f} / {r['time_p95_ms']:.1f} / {r['time_p99_ms']:.1f}"
+
+
+def _deadline_cells(deadlines: pd.DataFrame, alpha: float, k: int) -> pd.DataFrame:
+    """Missed-deadline probability (%) per strategy and level (rows) and deadline (columns)."""
+    d = deadlines[
+        (deadlines["strategy"] == "conventional") | ((deadlines["alpha"] == alpha) & (deadlines["k"] == k))
+    ]
+    levels = sorted(d["level"].unique())
+    if len(levels) > 4:
+        mid = min(levels, key=lambda v: abs(v - 1.0))
+        levels = sorted({levels[0], mid, levels[-1]})
     rows = []
-    for which, prefix in (("ee", "EE-DNN"), ("conventional", "Conventional DNN")):
-        spec = load_spec(run.model_dir(which))
-        for level in cfg.experiment.levels:
-            path = cache_path(run, spec, cfg.experiment.distortion, level)
-            if not path.is_file():
-                continue
-            tensors = load_file(str(path))
-            truth = torch.as_tensor(labels[tensors["sample_ids"].numpy()])
-            for i in range(1, spec.num_exits + 1):
-                name = "final exit" if i == spec.num_exits else f"branch {i}"
-                correct = (tensors[f"exit_{i}"].argmax(1) == truth).float().mean().item()
-                rows.append(
-                    {
-                        "exit": f"{prefix} {name}",
-                        "distortion": cfg.experiment.distortion,
-                        "level": float(level),
-                        "accuracy": correct,
-                    }
-                )
+    order = {s: i for i, s in enumerate(NAMES)}
+    for (st, level), g in sorted(
+        d[d["level"].isin(levels)].groupby(["strategy", "level"]),
+        key=lambda kv: (order.get(kv[0][0], 99), kv[0][1]),
+    ):
+        row = {"strategy": NAMES.get(st, st), "σ": f"{level:g}"}
+        for r in g.sort_values("deadline_ms").itertuples():
+            row[f"≤ {r.deadline_ms:g} ms"] = f"{100 * r.miss_prob:.1f}"
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _pivot(summary: pd.DataFrame, metric: str, alpha: float, k: int, scale: float = 1.0) -> pd.DataFrame:
-    rows = summary[
-        (summary["strategy"] == "conventional") | ((summary["alpha"] == alpha) & (summary["k"] == k))
-    ]
-    rows = rows.drop_duplicates(["strategy", "level"])
-    table = rows.pivot(index="level", columns="strategy", values=metric) * scale
-    return table.reset_index().rename(columns={"level": "σ"})
+def _eq1_paragraph(offline: pd.DataFrame, alphas: list[float], k: int) -> str:
+    parts = []
+    for alpha in alphas:
+        means = {}
+        for st in ("ee", "ensemble", "ensemble-unnormalised"):
+            r = offline[(offline["strategy"] == st) & (offline["alpha"] == alpha) & (offline["k"] == k)]
+            if len(r):
+                means[st] = (r["early_exit_prob"].mean(), r["accuracy"].mean(), r["mean_macs"].mean())
+        if len(means) < 3:
+            return "The paper's Eq. 1 (ensemble-unnormalised) was not in the sweep."
+        (e_ee, a_ee, m_ee), (e_en, a_en, m_en), (e_un, a_un, m_un) = (
+            means["ee"],
+            means["ensemble"],
+            means["ensemble-unnormalised"],
+        )
+        parts.append(
+            f"at α = {alpha:g} it answers {100 * e_un:.1f}% of the images at the edge (ours {100 * e_en:.1f}%, "
+            f"EE-DNN {100 * e_ee:.1f}%; {e_un / e_en if e_en else float('nan'):.2f}× ours) at {100 * a_un:.1f}% "
+            f"accuracy (ours {100 * a_en:.1f}%, EE-DNN {100 * a_ee:.1f}%) and {flops_text(m_un)} (ours "
+            f"{flops_text(m_en)}, EE-DNN {flops_text(m_ee)})"
+        )
+    return (
+        "The paper's own Eq. 1 (weights = raw validation accuracies, not normalised, so the ensemble's "
+        f'"confidence" can exceed 1), mean over the levels, k = {k}: ' + "; ".join(parts) + "."
+    )
 
 
-def _report(run: RunDir, cfg: RunConfig, offline: pd.DataFrame, online: pd.DataFrame, stages: Stages) -> Path:
+def _calibration_table(run: RunDir) -> pd.DataFrame:
+    path = run.calibration / "calibration.json"
+    if not path.is_file():
+        return pd.DataFrame()
+    data = json.loads(path.read_text())
+    rows = []
+    for which, m in data["models"].items():
+        for e in m["exits"]:
+            worse = e.get("ece_worse_after", e["ece_after"] - e["ece_before"] > 5e-4)
+            rows.append(
+                {
+                    "model": which,
+                    "exit": e["exit"],
+                    "T": f"{e['temperature']:.3f}",
+                    "val. accuracy (%)": f"{100 * e['val_accuracy']:.1f}",
+                    "NLL before → after": f"{e['nll_before']:.4f} → {e['nll_after']:.4f}",
+                    "ECE before → after": f"{e['ece_before']:.4f} → {e['ece_after']:.4f}",
+                    "flag": "ECE worse after calibration" if worse else "",
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _report(
+    run: RunDir,
+    cfg: RunConfig,
+    offline: pd.DataFrame,
+    online: pd.DataFrame,
+    deadlines: pd.DataFrame,
+    stages: Stages,
+) -> Path:
+    from edgeexit.experiment import robustness
+
     exp = cfg.experiment
     k = exp.online_k
-    figs = figures.paper_figures(offline, online, run.figures, alphas=exp.alphas, k=k)
-    per_exit = exit_accuracy_table(run, cfg)
-    if len(per_exit):
-        figs["per_exit_accuracy"] = figures.per_exit_accuracy_figure(
-            per_exit, run.figures / "per_exit_accuracy.png", "Accuracy of each exit alone (no early exit)"
-        )
-    findings = check_findings(offline, online, alphas=exp.alphas, k=k)
-    link = json.loads((run.root / "link.json").read_text()) if (run.root / "link.json").is_file() else None
+    alphas = [float(a) for a in exp.alphas]
     ee = load_spec(run.ee)
-    conv = load_spec(run.conventional)
+    conv = load_spec(run.conventional) if (run.conventional / "spec.json").is_file() else None
+    n_test = int(offline["n"].max()) if "n" in offline and len(offline) else 0
+    n_online = int(online["n_timed"].min()) if "n_timed" in online and len(online) else 0
+    setting = (
+        f"[{cfg.dataset.name}, {ee.backbone} at {ee.input_size} px, exits after blocks {ee.branch_blocks}; "
+        f"{n_test} test images offline, {n_online} per level online; {exp.distortion}]"
+    )
+    figs = figures.paper_figures(offline, online, run.figures, alphas=alphas, k=k, setting=setting)
+    if len(deadlines):
+        figs["fig7_deadlines"] = (
+            figures.deadline_figure(
+                deadlines,
+                run.figures / "fig7_deadlines.png",
+                f"Fig. 7 — Missed-deadline probability over the emulated link (k = {k})",
+                k,
+            ),
+            f"Fig. 7: the share of images not answered within each deadline (from the online timings), per "
+            f"strategy (marker) and α (line style), at the lightest, a middle and the heaviest blur. {setting}",
+        )
+
+    # robustness: every exit, the oracle, the confidently wrong, the blur-trained ablation
+    accuracy, confident = robustness.exit_tables(run, cfg, alphas)
+    records = pd.read_parquet(run.records, columns=["strategy", "alpha", "k", "level", "exit", "correct"])
+    errors = robustness.edge_errors(records, "ee", alphas[0], k)
+    sub = RunDir(run.root / ABLATION_DIR)
+    ablation = pd.read_csv(sub.summary) if sub.summary.is_file() else None
+    ab_acc = pd.DataFrame()
+    if ablation is not None:
+        ab_acc, _ = robustness.exit_tables(
+            sub, ablation_config(cfg), alphas, [("ee", "EE-DNN (blur-trained)")]
+        )
+    all_acc = pd.concat([accuracy, ab_acc], ignore_index=True)
+    robustness.write_tables(
+        run.root / "robustness", exit_accuracy=all_acc, confidently_wrong=confident, ee_errors=errors
+    )
+    conclusion = robustness.explain(
+        offline,
+        accuracy,
+        confident,
+        errors,
+        alpha=alphas[0],
+        k=k,
+        ablation=ablation,
+        ablation_accuracy=ab_acc,
+    )
+    if len(all_acc):
+        figs["robustness_exits"] = (
+            figures.per_exit_accuracy_figure(
+                all_acc,
+                run.figures / "robustness_exits.png",
+                "Accuracy of each exit alone, the oracle and the conventional DNN",
+                exp.distortion,
+            ),
+            "Accuracy of every exit alone (argmax, no early exit), the final exit included, and of an oracle that "
+            "takes the first exit that is right, against blur σ, beside the conventional DNN; right panel: the "
+            f"EE-DNN trained with blur augmentation (when the ablation ran). {setting}",
+        )
+    if len(confident):
+        figs["robustness_confidently_wrong"] = (
+            figures.confidently_wrong_figure(
+                confident,
+                run.figures / "robustness_confidently_wrong.png",
+                "Images each EE-DNN exit answers confidently and wrongly",
+                exp.distortion,
+            ),
+            "Share of all images on which each exit's top probability reaches α while its answer is wrong, "
+            f"against blur σ: an early exit that is confidently wrong answers at the edge. {setting}",
+        )
+
+    findings = check_findings(offline, online, alphas=alphas, k=k)
+    link = json.loads((run.root / "link.json").read_text()) if (run.root / "link.json").is_file() else None
+    n_ok = sum(f.reproduced is True and not f.by_construction for f in findings)
+    n_checked = sum(f.reproduced is not None and not f.by_construction for f in findings)
     sections = [
         Section(
             "Findings of the paper, checked on this run",
             [
-                f"Thresholds α ∈ {exp.alphas}, k = {k} edge branches; accuracy and FLOPs from the offline sweep over "
-                f"the {cfg.dataset.name} test split, inference time from the online run through real servers."
+                f"{n_ok} of {n_checked} findings reproduced (one more holds by construction). Thresholds α ∈ "
+                f"{alphas}, k = {k} edge branches; accuracy and FLOPs from the offline sweep over {n_test} "
+                f"{cfg.dataset.name} test images, inference time from the online run ({n_online} images per "
+                "level through real servers and the emulated link). Trends are judged over all levels by "
+                "Kendall's τ (one-sided p < 0.05); intervals are 95%.",
+                _eq1_paragraph(offline, alphas, k),
             ],
             [("Findings", findings_table(findings))],
         ),
+        Section("Robustness under blur, explained", conclusion),
+        Section("Figures", figures=[(caption, path) for path, caption in figs.values()]),
+    ]
+    unit, scale = figures.flops_unit(float(2 * offline["mean_macs"].max()))
+    shown = [
+        s
+        for s in ("ee", "ensemble", "ensemble-unnormalised", "conventional")
+        if s in set(offline["strategy"])
+    ]
+    online_shown = [s for s in shown if s in set(online["strategy"])] if len(online) else []
+    for alpha in alphas:
+        tables = [
+            (
+                "Accuracy (%) [95% Wilson interval]",
+                _cells(offline, alpha, k, shown, lambda r: _pct_ci(r, "accuracy")),
+            ),
+            (
+                "Answered at the edge (%) [95% Wilson interval]",
+                _cells(
+                    offline,
+                    alpha,
+                    k,
+                    [s for s in shown if s != "conventional"],
+                    lambda r: _pct_ci(r, "early_exit_prob"),
+                ),
+            ),
+            (
+                f"Mean {unit} per image (FLOPs = 2 × MACs) [95% t interval]",
+                _cells(offline, alpha, k, shown, _flops_ci(scale)),
+            ),
+        ]
+        if online_shown:
+            tables += [
+                (
+                    "Mean inference time (ms) [95% BCa bootstrap interval], online",
+                    _cells(online, alpha, k, online_shown, _time_ci),
+                ),
+                (
+                    "Inference time percentiles p50 / p95 / p99 (ms), online",
+                    _cells(online, alpha, k, online_shown, _time_tail),
+                ),
+            ]
+        if len(deadlines):
+            tables.append(
+                (
+                    "Missed-deadline probability (%) at the paper's link (emulated RTT "
+                    f"{cfg.link.rtt_ms:g} ms, {cfg.link.bandwidth_mbit:g} Mbit/s): share of images not answered "
+                    "within each deadline",
+                    _deadline_cells(deadlines, alpha, k),
+                )
+            )
+        sections.append(Section(f"Tables (α = {alpha:g}, k = {k})", tables=tables))
+    if ablation is not None:
+        sections.append(
+            Section(
+                "Tables: blur-trained EE-DNN (ablation)",
+                tables=[
+                    (
+                        f"Accuracy (%) [95% Wilson interval], α = {alpha:g}, k = {k}: pristine-trained vs blur-trained",
+                        pd.concat(
+                            [
+                                _cells(
+                                    offline,
+                                    alpha,
+                                    k,
+                                    ["ee", "conventional"],
+                                    lambda r: _pct_ci(r, "accuracy"),
+                                ),
+                                _cells(ablation, alpha, k, ["ee"], lambda r: _pct_ci(r, "accuracy"))
+                                .rename(columns={"EE-DNN": "EE-DNN (blur-trained)"})
+                                .drop(columns=["σ"]),
+                            ],
+                            axis=1,
+                        ),
+                    )
+                    for alpha in alphas
+                ],
+            )
+        )
+    calib = _calibration_table(run)
+    worse = calib[calib["flag"] != ""] if len(calib) else calib
+    sections.append(
+        Section(
+            "Calibration (validation split)",
+            [
+                f"Temperature scaling per exit; ECE with {cfg.calibration.bins} equal-width bins ((m-1)/M, m/M] "
+                "(Guo et al.). "
+                + (
+                    f"{len(worse)} exit(s) got a worse ECE after calibration: "
+                    + ", ".join(f"{r.model} exit {r.exit}" for r in worse.itertuples())
+                    + " (temperature scaling minimises the NLL, not the ECE)."
+                    if len(worse)
+                    else "No exit's ECE got worse after calibration."
+                ),
+                f"EE-DNN test accuracy per exit: {ee.metrics.get('test_accuracy')}; ensemble weights (normalised "
+                f"validation accuracies) {ee.ensemble_weights}."
+                + (f" Conventional DNN: {conv.metrics.get('test_accuracy')}." if conv else ""),
+            ],
+            tables=[("Calibration per exit", calib)] if len(calib) else [],
+            figures=[
+                (
+                    f"Reliability diagram, {p.stem.removeprefix('reliability_').replace('_', ' ')}: accuracy per "
+                    "confidence bin before and after temperature scaling, the gap coloured by its direction, the "
+                    "images per bin below.",
+                    p,
+                )
+                for p in sorted(run.calibration.glob("*.png"))
+            ],
+        )
+    )
+    sections.append(
         Section(
             "Configuration",
             [
@@ -349,66 +671,82 @@ def _report(run: RunDir, cfg: RunConfig, offline: pd.DataFrame, online: pd.DataF
                 f"at levels {exp.levels}; online: {exp.online_images or 'all'} test images per level, wire "
                 f"precision {exp.precision}.",
                 "The branch ensemble weights are each branch's validation accuracy normalised to sum to 1 "
-                "(the paper used unnormalised test-set accuracies, an oracle that let the confidence exceed 1).",
-                f"EE-DNN test accuracy per exit: {ee.metrics.get('test_accuracy')}; temperatures {ee.temperatures}; "
-                f"ensemble weights {ee.ensemble_weights}. Conventional DNN: {conv.metrics.get('test_accuracy')}.",
+                "(the paper's authors used unnormalised test-set accuracies, an oracle that let the confidence "
+                "exceed 1); the paper's Eq. 1 with unnormalised validation accuracies runs as 'ensemble-unnormalised'.",
             ],
             [
                 (
                     "Configuration (TOML sections)",
                     pd.DataFrame(
                         [
-                            (sec, key, json.dumps(val))
+                            (sec, "; ".join(f"{key} = {json.dumps(val)}" for key, val in d.items()))
                             for sec, d in cfg.to_dict().items()
-                            for key, val in d.items()
                         ],
-                        columns=["section", "key", "value"],
+                        columns=["section", "settings"],
                     ),
                 )
             ],
-        ),
-        Section(
-            "Link",
-            [
-                (
-                    "The edge reached the cloud through the link emulator set to the paper's measured link; "
-                    if link and link["emulated"]
-                    else "The edge reached the cloud over a real network; "
-                )
-                + "the link as measured before the online run (HTTP ping and transfers, like ping and iPerf3):"
-            ],
-            [("Link", pd.DataFrame([link["measured"]]))] if link else [],
-        ),
-    ]
-    for alpha in exp.alphas:
+        )
+    )
+    if link:
+        m = link["measured"]
         sections.append(
             Section(
-                f"Tables behind the figures (α = {alpha:g}, k = {k})",
-                tables=[
-                    ("Accuracy (%)", _pivot(offline, "accuracy", alpha, k, 100)),
+                "Link",
+                [
                     (
-                        "Early-exit probability (%)",
-                        _pivot(
-                            offline[offline["strategy"] != "conventional"], "early_exit_prob", alpha, k, 100
+                        "The edge reached the cloud through the link emulator set to the paper's measured link; "
+                        if link["emulated"]
+                        else "The edge reached the cloud over a real network; "
+                    )
+                    + "the link as measured before the online run (HTTP ping and transfers, like ping and iPerf3):"
+                ],
+                [
+                    (
+                        "Link",
+                        pd.DataFrame(
+                            [
+                                {
+                                    "RTT (ms) mean ± sd": f"{m['rtt_ms_mean']:.2f} ± {m['rtt_ms_sd']:.2f}",
+                                    "RTT min / median / max": f"{m['rtt_ms_min']:.2f} / {m['rtt_ms_median']:.2f} / {m['rtt_ms_max']:.2f}",
+                                    "up (Mbit/s)": f"{m['up_mbit_mean']:.1f} ± {m['up_mbit_sd']:.1f}",
+                                    "down (Mbit/s)": f"{m['down_mbit_mean']:.1f} ± {m['down_mbit_sd']:.1f}",
+                                    "pings / transfers": f"{m['n']} / {m['n_transfers']}",
+                                    "configured": f"RTT {cfg.link.rtt_ms:g} ms, {cfg.link.bandwidth_mbit:g} Mbit/s",
+                                }
+                            ]
                         ),
-                    ),
-                    ("Mean GFLOPs per image (FLOPs = 2 x MACs)", _pivot(offline, "mean_gflops", alpha, k)),
-                    ("Mean inference time (ms), online", _pivot(online, "mean_time_ms", alpha, k)),
+                    )
                 ],
             )
         )
     sections.append(
         Section(
-            "Figures",
-            figures=[(name.replace("_", " "), path) for name, path in figs.items()]
-            + [(p.stem.replace("_", " "), p) for p in sorted(run.calibration.glob("*.png"))],
-        )
-    )
-    sections.append(
-        Section(
-            "Stage timings (seconds)",
-            tables=[("Stages", pd.DataFrame(list(stages.seconds().items()), columns=["stage", "seconds"]))],
+            "Stage timings",
+            tables=[
+                (
+                    "Stages (seconds)",
+                    pd.DataFrame(
+                        [(n, f"{v:.1f}") for n, v in stages.seconds().items()], columns=["stage", "seconds"]
+                    ),
+                )
+            ],
         )
     )
     _, page = write_report(run.root, f"edgeexit reproduction — {cfg.dataset.name}", sections)
     return page
+
+
+def report_only(run_dir: str | Path) -> Path:
+    """Redraw the figures and rewrite the report of a finished run directory (no stage runs)."""
+    run = RunDir(Path(run_dir))
+    cfg = run.load_config()
+    offline = pd.read_csv(run.summary)
+    online_records = pd.concat(
+        [pd.read_parquet(p) for p in sorted(run.online.glob("*.parquet"))], ignore_index=True
+    )
+    online = summarize(online_records)
+    online.to_csv(run.online / "summary.csv", index=False)
+    deadlines = deadline_table(online_records)
+    deadlines.to_csv(run.online / "deadlines.csv", index=False)
+    return _report(run, cfg, offline, online, deadlines, Stages(run))

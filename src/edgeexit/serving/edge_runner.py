@@ -29,7 +29,7 @@ from pydantic import BaseModel
 
 from edgeexit.errors import UserError
 from edgeexit.inference import calibrate
-from edgeexit.policy import CLOUD, CONVENTIONAL, POLICIES, Decision, Policy, policy_for
+from edgeexit.policy import CLOUD, CONVENTIONAL, POLICIES, Decision, Policy, policy_for, spec_policy
 from edgeexit.runtime import Runtime, load_runtime
 from edgeexit.serving import wire
 from edgeexit.serving.client import CloudAnswer, CloudClient, OffloadFailed
@@ -283,7 +283,7 @@ class EdgeRunner(Runner):
         if math.isnan(self.alpha):
             raise UserError(f"alpha must be a number >= 0 for strategy {strategy!r}, got {alpha!r}")
         self.strategy = strategy
-        self.policy = policy_for(strategy, self.alpha, self.spec.ensemble_weights)
+        self.policy = spec_policy(strategy, self.alpha, self.spec)
         # One dry decision at exit k: a policy that cannot work with this k (too few ensemble weights) fails now.
         uniform = torch.full((1, self.spec.num_classes), 1.0 / self.spec.num_classes)
         self.policy.decide([uniform] * self.k, self.k)

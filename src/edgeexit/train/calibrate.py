@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from torchmetrics.classification import MulticlassCalibrationError
 
 from edgeexit.atomic import atomic_write_bytes
 from edgeexit.config import RunConfig, choices
@@ -33,6 +32,8 @@ __all__ = [
     "fit_temperature",
     "fit_exits",
     "expected_calibration_error",
+    "confidence_bin",
+    "reliability_bins",
     "calibrate_run",
     "warn_wild_temperatures",
     "MODES",
@@ -41,6 +42,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MODES = choices("calibration.mode")  # per_exit, global
+ECE_WORSE_TOLERANCE = 5e-4  # "worse after calibration": by more than rounding at 4 decimals
 TEMPERATURE_RANGE = (0.01, 100.0)  # outside it a temperature says more about the model than about calibration
 
 
@@ -129,11 +131,46 @@ def fit_exits(
     return temps, ens, acc
 
 
-def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
-    """ECE (L1, `bins` equal-width confidence bins) of class probabilities [n, C], via torchmetrics."""
+def confidence_bin(confidence: torch.Tensor, bins: int) -> torch.Tensor:
+    """Guo et al.'s bin of each confidence: bin m (0-based) holds ((m)/M, (m+1)/M]; 0 goes to the first bin
+    and exactly 1.0 to the last (torchmetrics puts 1.0 in an extra bin of its own)."""
+    if not isinstance(bins, int) or bins < 1:
+        raise UserError(f"bins must be an integer >= 1, got {bins!r}")
+    c = confidence.detach().to(torch.float64).cpu()
+    edges = torch.arange(bins + 1, dtype=torch.float64) / bins
+    # searchsorted(left): the first edge >= c, so c in (e[m], e[m+1]] -> m + 1; c = 0 -> 0
+    return (torch.searchsorted(edges, c.contiguous(), right=False) - 1).clamp(0, bins - 1)
+
+
+def reliability_bins(
+    probs: torch.Tensor, labels: torch.Tensor, bins: int = 15
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(count, accuracy, mean confidence) per Guo bin (`confidence_bin`) of the top-class confidence.
+
+    Empty bins have count 0 and NaN accuracy and confidence.
+    """
     _check_logits(probs, labels)
-    metric = MulticlassCalibrationError(num_classes=probs.shape[1], n_bins=bins, norm="l1")
-    return float(metric(probs.detach().float().cpu(), labels.detach().long().cpu()))
+    conf, pred = probs.detach().cpu().max(dim=1)
+    correct = (pred == labels.detach().cpu()).to(torch.float64)
+    idx = confidence_bin(conf, bins)
+    count = torch.bincount(idx, minlength=bins).to(torch.float64)
+    hits = torch.bincount(idx, weights=correct, minlength=bins)
+    conf_sum = torch.bincount(idx, weights=conf.to(torch.float64), minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = (hits / count).numpy()
+        mean_conf = (conf_sum / count).numpy()
+    return count.numpy().astype(np.int64), acc, mean_conf
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE = sum_m |B_m| / n * |acc(B_m) - conf(B_m)| over `bins` equal-width bins ((m-1)/M, m/M]
+    (Guo et al. 2017) of the top-class confidence of probabilities [n, C]."""
+    count, acc, conf = reliability_bins(probs, labels, bins)
+    used = count > 0
+    return float(np.sum(count[used] / count.sum() * np.abs(acc[used] - conf[used])))
+
+
+OVER, UNDER = "tab:red", "tab:orange"  # gap colours: confidence above / below accuracy
 
 
 def _reliability_png(
@@ -144,38 +181,79 @@ def _reliability_png(
     title: str,
     eces: tuple[float, float],
 ) -> bytes:
-    """Two panels (before / after scaling): accuracy per confidence bin against the diagonal."""
-    fig = Figure(figsize=(9, 4.2))
-    axes = fig.subplots(1, 2, sharey=True)
-    edges = torch.linspace(0, 1, bins + 1)
-    centers = ((edges[:-1] + edges[1:]) / 2).numpy()
-    for ax, probs, name, ece in zip(axes, (before, after), ("before", "after"), eces, strict=True):
-        conf, pred = probs.max(1)
-        correct = (pred == labels).float()
-        idx = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, bins - 1)
-        count = torch.bincount(idx, minlength=bins).float()
-        acc = torch.bincount(idx, weights=correct, minlength=bins) / count.clamp(min=1)
-        mean_conf = torch.bincount(idx, weights=conf.float(), minlength=bins) / count.clamp(min=1)
-        ax.bar(centers, acc.numpy(), width=1 / bins, edgecolor="black", color="tab:blue", label="accuracy")
-        gap_bottom = torch.minimum(acc, mean_conf).numpy()
-        gap = (acc - mean_conf).abs().numpy()
+    """Two panels (before / after scaling): accuracy per Guo confidence bin against the diagonal, the gap to
+    the bin's mean confidence coloured by its direction, and the images per bin below."""
+    fig = Figure(figsize=(9.5, 6.0), layout="constrained")
+    grid = fig.add_gridspec(2, 2, height_ratios=(3, 1))
+    width = 1 / bins
+    centers = (np.arange(bins) + 0.5) / bins
+    worse = eces[1] - eces[0] > ECE_WORSE_TOLERANCE
+    top0 = None
+    for j, (probs, name, ece) in enumerate(zip((before, after), ("before", "after"), eces, strict=True)):
+        ax = fig.add_subplot(grid[0, j], sharey=top0)
+        top0 = top0 or ax
+        hist = fig.add_subplot(grid[1, j], sharex=ax)
+        count, acc, conf = reliability_bins(probs, labels, bins)
+        used = count > 0
+        a, c = np.where(used, acc, 0.0), np.where(used, conf, 0.0)
+        low = np.minimum(a, c)
+        # accuracy up to min(acc, conf) in blue; the gap above it opaque, red when over-confident (conf > acc),
+        # orange when under-confident (acc > conf): each colour as in the legend, whatever lies under it
         ax.bar(
             centers,
-            gap,
-            bottom=gap_bottom,
-            width=1 / bins,
-            color="tab:red",
-            alpha=0.3,
-            label="gap to confidence",
+            low,
+            width=width,
+            edgecolor="black",
+            linewidth=0.5,
+            color="tab:blue",
+            label="accuracy, up to the mean confidence",
         )
-        ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+        over = used & (c > a)
+        under = used & (a > c)
+        ax.bar(
+            centers[over],
+            (c - a)[over],
+            bottom=a[over],
+            width=width,
+            color=OVER,
+            edgecolor="black",
+            linewidth=0.5,
+            hatch="//",
+            label="gap: confidence above accuracy (over-confident)",
+        )
+        ax.bar(
+            centers[under],
+            (a - c)[under],
+            bottom=c[under],
+            width=width,
+            color=UNDER,
+            edgecolor="black",
+            linewidth=0.5,
+            label="gap: accuracy above confidence (under-confident)",
+        )
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
         ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("confidence (max softmax)")
-        ax.set_title(f"{name} temperature scaling (ECE {ece:.3f})")
-    axes[0].set_ylabel("accuracy")
-    axes[0].legend(loc="upper left", fontsize="small")
-    fig.suptitle(title)
+        ax.set_ylim(0, 1.02)
+        flag = " — worse than before" if name == "after" and worse else ""
+        ax.set_title(
+            f"{name} temperature scaling: ECE {ece:.4f}{flag}",
+            fontsize=10,
+            color="tab:red" if flag else "black",
+        )
+        ax.tick_params(labelbottom=False)
+        hist.bar(centers, count, width=width, color="0.6", edgecolor="black", linewidth=0.5)
+        for x, n in zip(centers, count, strict=True):
+            if n:
+                hist.text(x, n, str(int(n)), ha="center", va="bottom", fontsize=6, rotation=90)
+        hist.set_yscale("log")
+        hist.set_ylim(0.8, max(int(count.max()), 1) * 30)
+        hist.set_xlabel(f"confidence (max softmax), {bins} bins ((m-1)/M, m/M]")
+        if j == 0:
+            ax.set_ylabel("accuracy in the bin")
+            hist.set_ylabel("images")
+    handles, names = top0.get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=2, fontsize="small", frameon=False)
+    fig.suptitle(title, fontsize=11)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
@@ -219,6 +297,16 @@ def _calibrate_model(
             png, _reliability_png(p0, p1, y, c.bins, title, (row["ece_before"], row["ece_after"]))
         )
         row["diagram"] = png.name
+        row["ece_worse_after"] = bool(row["ece_after"] - row["ece_before"] > ECE_WORSE_TOLERANCE)
+        if row["ece_worse_after"]:
+            log.warning(
+                "%s exit %s: ECE got worse after temperature scaling (%.4f -> %.4f); temperature scaling "
+                "minimises the NLL, not the ECE, and the validation split may be too small to tell",
+                which,
+                name,
+                row["ece_before"],
+                row["ece_after"],
+            )
         exits.append(row)
         log.info(
             "%s exit %s: T %.3f, NLL %.4f -> %.4f, ECE %.4f -> %.4f",
