@@ -89,7 +89,9 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 120) -> Non
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server on port {port} exited with {proc.returncode}")
+            raise SystemExit(
+                f"server on port {port} exited with {proc.returncode}; see its log in {proc.args}"
+            )
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
                 s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

@@ -7,8 +7,8 @@ Two jobs, each timed as a whole command (wall clock):
 
 Each runs quiet, and beside `--burners` CPU-burning processes (default 3, on this 2-core machine: a load of
 about 5), once with the baseline commit's code (checked out into a temporary directory; torch's default
-threads and OpenMP wait policy) and once with the working tree's defaults (edgeexit.threads: passive wait
-policy). Rounds alternate. Targets: loaded <= 3x quiet (a fair share is about 2.5x), and quiet no more than
+threads and OpenMP wait policy) and once with the working tree's defaults (edgeexit.threads: adaptive
+threads). Rounds alternate. Targets: loaded <= 3x quiet (a fair share is about 2.5x), and quiet no more than
 10% slower than the baseline's quiet.
 
     python bench/bench_shared_cpu.py [--baseline ca52d6f] [--burners 3] [--rounds 2]
@@ -57,6 +57,13 @@ def main() -> None:
     ap.add_argument("--burners", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--jobs", nargs="+", default=["train", "evaluate"], choices=["train", "evaluate"])
+    ap.add_argument(
+        "--loaded-baseline",
+        nargs=2,
+        type=float,
+        metavar=("TRAIN_S", "EVALUATE_S"),
+        help="skip the baseline's loaded runs (minutes each) and print these earlier measurements instead",
+    )
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-shared-cpu-"))
@@ -68,28 +75,36 @@ def main() -> None:
     subprocess.run(["tar", "-x", "-C", str(base)], input=archive.stdout, check=True)
     versions = {"baseline": base / "src", "current": REPO / "src"}
 
-    # One trained, calibrated run for the sweep (2 epochs of both models; its accuracy does not matter).
-    run = tmp / "run"
-    env = clean_env(REPO / "src")
+    # A trained, calibrated run for each version's sweep, made by that version (1 epoch of both models; the
+    # accuracy does not matter, and a version reads only its own run and config format).
     cli = [sys.executable, "-m", "edgeexit"]
-    subprocess.run(
-        [*cli, "train", "--out", str(run), "--epochs", "1"], env=env, check=True, capture_output=True
-    )
-    subprocess.run([*cli, "calibrate", str(run)], env=env, check=True, capture_output=True)
+    runs = {}
+    for version, src in versions.items():
+        run = runs[version] = tmp / f"run-{version}"
+        env = clean_env(src)
+        subprocess.run(
+            [*cli, "train", "--out", str(run), "--epochs", "1"], env=env, check=True, capture_output=True
+        )
+        subprocess.run([*cli, "calibrate", str(run)], env=env, check=True, capture_output=True)
 
-    def job(name: str, out: Path) -> list[str]:
+    def job(name: str, version: str) -> list[str]:
         if name == "train":
+            out = tmp / f"train-{version}"
             shutil.rmtree(out, ignore_errors=True)
             return [*cli, "train", "--model", "ee", "--epochs", "1", "--out", str(out)]
-        shutil.rmtree(run / "cache", ignore_errors=True)
-        return [*cli, "evaluate", str(run)]
+        shutil.rmtree(runs[version] / "cache", ignore_errors=True)
+        return [*cli, "evaluate", str(runs[version])]
 
     times: dict[tuple[str, str, int], list[float]] = {}
     for r in range(args.rounds):
         for name in args.jobs:
             for load in (0, args.burners):
                 for version, src in versions.items():
-                    t = timed(job(name, tmp / f"train-{version}"), clean_env(src), load)
+                    if version == "baseline" and load and args.loaded_baseline:
+                        t = args.loaded_baseline[args.jobs.index(name)]
+                        times.setdefault((name, version, load), []).append(t)
+                        continue
+                    t = timed(job(name, version), clean_env(src), load)
                     times.setdefault((name, version, load), []).append(t)
                     print(
                         f"round {r + 1}: {name:8s} {version:8s} burners={load}: {t:6.1f} s", file=sys.stderr

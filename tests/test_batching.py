@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Hashable, Iterator
 from pathlib import Path
 
@@ -126,6 +127,28 @@ def test_max_wait_holds_a_lone_request_for_company() -> None:
 
     assert asyncio.run(go()) == [2, 4]
     assert rec.batches == [("a", [1, 2])]
+
+
+def test_adaptive_hold_after_a_busy_batch_gathers_as_many_rows_again() -> None:
+    """After a batch of 2 rows that took 0.2 s, the next batch waits (up to 5 ms) for a second request; without
+    the hold, the consumer would take the first one alone as soon as it woke."""
+    rec = Recorder()
+
+    def slow(key: Hashable, items: list[int]) -> list[int]:
+        time.sleep(0.2)
+        return rec(key, items)
+
+    async def go() -> list[object]:
+        b = Batcher(slow, max_batch=4)  # max_wait_ms None: adaptive
+        await asyncio.gather(b.submit("a", 1), b.submit("a", 2))  # one batch of 2 rows
+        first = asyncio.ensure_future(b.submit("a", 3))
+        for _ in range(3):  # let the consumer wake and start holding
+            await asyncio.sleep(0)
+        second = asyncio.ensure_future(b.submit("a", 4))
+        return await asyncio.gather(first, second)
+
+    assert asyncio.run(go()) == [6, 8]
+    assert rec.batches == [("a", [1, 2]), ("a", [3, 4])]
 
 
 def test_without_max_wait_a_lone_request_runs_at_once() -> None:

@@ -226,7 +226,8 @@ class RuntimeConfig(_Model):
     """How inference runs: the backend that serves the online run, and CPU threads (see edgeexit.threads)."""
 
     _section: ClassVar[str] = "runtime"
-    backend: Literal["torch", "onnx"] = "torch"  # the edge runner's and cloud server's runtime (online run)
+    # the edge runner's and the cloud server's runtime in the online run (onnx: the run is exported first)
+    backend: Literal["torch", "onnx"] = "onnx"
     # intra-op threads of training, calibration and the sweep; None: torch's default (one per physical core).
     # The servers of the online run use edgeexit.threads.SERVER_THREADS each.
     threads: Count | None = None

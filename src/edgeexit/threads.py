@@ -1,42 +1,46 @@
-"""How many CPU threads edgeexit computes with, and how its idle threads wait.
+"""How many CPU threads edgeexit computes with, on machines it shares with other processes.
 
-Early-exit DNNs run on small machines that other processes share. Two defaults keep a command from
-collapsing there (measured in BENCHMARKS.md, "Shared CPU"):
+torch's intra-op threads (OpenMP) collapse on a busy machine: a thread that finished its share of an operator
+spins for its partner, and when another process has taken the partner's core, the spinner burns the very CPU
+the partner needs. Measured on 2 cores beside 3 CPU-burning processes, one training epoch took 10.7x its quiet
+time with torch's default two threads, and 2.2x with one thread (BENCHMARKS.md, "Shared CPU").
 
-- OpenMP's idle threads sleep at once instead of spinning (`OMP_WAIT_POLICY=PASSIVE`). With the default
-  policy, a thread that finished its share of an operator spins for its partner; when the partner has been
-  descheduled by another process, the spinner burns the very core the partner needs. libgomp reads the
-  variable once, when torch loads it, so `prepare_environment` must run before torch is imported: the CLI
-  does it first thing. A value the user exported is kept.
-- Servers use one intra-op thread per worker (`SERVER_THREADS`): their batches are small, so a second thread
-  buys little and would contend with the other worker or the edge process for the same cores. Training and
-  the offline sweep keep torch's default (one thread per physical core) unless `--threads` or
-  `[runtime] threads` says otherwise.
+OpenMP's passive wait policy (idle threads sleep at once) avoids the spinning, but on a quiet machine it cost
+10-20% (every operator wakes its threads from sleep; libgomp reads the policy once, when torch loads), and on a
+busy one two passive threads did no better than one spinning thread (34.6-37.1 s against 28.7-43.9 s for the
+sweep, interleaved). So the commands adapt the thread count instead and leave the wait policy alone:
+
+- `--threads N` (or `[runtime] threads = N`) fixes N threads.
+- Without it, training, calibration and the sweep are *adaptive* (`set_threads(None)` turns this on; the CLI
+  does, the Python API does not): before each epoch, and each distortion level of the sweep, `adapt()` counts
+  the CPUs that other processes keep busy (the scheduler's runnable tasks in /proc/loadavg, our own threads
+  left out) and uses one thread per CPU left free, at least one and at most torch's default.
+- Servers and the edge runner use one intra-op thread per worker (`SERVER_THREADS`): their batches are small, a
+  second thread buys little, and it would compete with the other worker or the edge process for the same cores.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 __all__ = [
-    "PASSIVE_WAIT",
     "SERVER_THREADS",
+    "adapt",
+    "busy_elsewhere",
     "check_threads",
-    "prepare_environment",
     "set_threads",
     "threads_for",
 ]
 
-PASSIVE_WAIT = {"OMP_WAIT_POLICY": "PASSIVE"}
+log = logging.getLogger(__name__)
+
 SERVER_THREADS = 1
-
-
-def prepare_environment() -> None:
-    """Set the passive OpenMP wait policy for this process and its children, unless the user chose one."""
-    for key, value in PASSIVE_WAIT.items():
-        os.environ.setdefault(key, value)
+_auto: dict[str, int] = {}  # when adaptive: {"most": torch's default thread count}
 
 
 def check_threads(n: object, what: str = "threads") -> int:
@@ -49,22 +53,77 @@ def check_threads(n: object, what: str = "threads") -> int:
 
 
 def set_threads(n: int | None) -> int:
-    """Use `n` intra-op threads in torch (None: keep torch's default); the number now in use."""
+    """Use `n` intra-op threads in torch; None: adapt to the machine's load (see `adapt`). The number in use."""
     import torch
 
     if n is not None:
+        _auto.clear()
         torch.set_num_threads(check_threads(n))
-    return torch.get_num_threads()
+        return n
+    _auto.setdefault("most", torch.get_num_threads())
+    return adapt()
+
+
+def _runnable_now() -> int | None:
+    """Tasks the scheduler has running or ready to run now, system-wide (None where /proc is missing)."""
+    try:
+        return int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _own_running() -> int:
+    """This process's threads that are running or runnable now (the sampling one included)."""
+    n = 0
+    for stat in Path("/proc/self/task").glob("*/stat"):
+        try:
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        n += state == "R"
+    return max(n, 1)
+
+
+def busy_elsewhere(samples: int = 5, interval: float = 0.005) -> float | None:
+    """CPUs other processes keep busy now: the median over `samples` of the runnable tasks, less our own."""
+    counts = []
+    for i in range(samples):
+        total = _runnable_now()
+        if total is None:
+            return None
+        counts.append(max(total - _own_running(), 0))
+        if i + 1 < samples:
+            time.sleep(interval)
+    counts.sort()
+    return float(counts[len(counts) // 2])
+
+
+def adapt() -> int:
+    """When adaptive: one thread per CPU that other processes leave free (at least 1, at most torch's default);
+    otherwise nothing changes. The number of threads in use."""
+    import torch
+
+    if not _auto:
+        return torch.get_num_threads()
+    most = _auto["most"]
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = busy_elsewhere()
+    n = most if busy is None else max(1, min(most, cpus - int(round(busy))))
+    if n != torch.get_num_threads():
+        log.info("%s CPU(s) busy with other processes: computing with %d thread(s)", busy, n)
+        torch.set_num_threads(n)
+    return n
 
 
 @contextlib.contextmanager
 def threads_for(n: int) -> Iterator[int]:
     """Compute with `n` intra-op threads inside the block (e.g. the edge runner of an online run), then go
-    back to the number used before."""
+    back to the number, and the adaptive mode, used before."""
     import torch
 
-    before = torch.get_num_threads()
+    before, auto = torch.get_num_threads(), dict(_auto)
     try:
         yield set_threads(n)
     finally:
         torch.set_num_threads(before)
+        _auto.update(auto)

@@ -4,9 +4,6 @@ Importing this package and building the parser stay light: a subcommand imports 
 function, and the choices of flags (datasets, backbones, heads, distortions, strategies, precisions) come from
 their registries, imported only when argparse checks or prints them. Commands that build a config take
 `--set section.key=value` (see cli.common).
-
-Importing it sets OpenMP's passive wait policy for this process before any subcommand loads torch (see
-edgeexit.threads).
 """
 
 from __future__ import annotations
@@ -22,9 +19,6 @@ from typing import NoReturn
 from edgeexit.cli import export, runs, serve
 from edgeexit.cli.common import COMMANDS, command
 from edgeexit.errors import EdgeExitError
-from edgeexit.threads import prepare_environment
-
-prepare_environment()  # none of the imports above loads torch, which reads the policy once, when it loads
 
 __all__ = ["COMMANDS", "build_parser", "command", "main"]
 

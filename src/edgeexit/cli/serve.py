@@ -10,20 +10,42 @@ from edgeexit.cli.common import add_choice, add_runtime_flag, add_threads_flag, 
 from edgeexit.serving.batcher import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS
 
 # Servers and the edge runner: one intra-op thread per process (edgeexit.threads.SERVER_THREADS); the
-# default backend is the one that measured fastest for them (BENCHMARKS.md).
+# default backend is the one that measured fastest for them (BENCHMARKS.md: ONNX Runtime, 2.6-4.8x torch).
 SERVING_THREADS = 1
-SERVING_RUNTIME = "torch"
+SERVING_RUNTIME = "onnx"
 
 
 def _add_serving_runtime(p: argparse.ArgumentParser) -> None:
-    add_runtime_flag(p, default=SERVING_RUNTIME, help=f"model runtime (default: {SERVING_RUNTIME})")
+    add_runtime_flag(
+        p,
+        default=SERVING_RUNTIME,
+        help=f"model runtime (default: {SERVING_RUNTIME}; a run never exported is exported first)",
+    )
     add_threads_flag(p, default=SERVING_THREADS)
+
+
+def _prepare_runtime(run_dir: str, runtime: str) -> None:
+    """Runtime onnx on a run never exported: export it now (RUN_DIR/onnx). An export that no longer matches the
+    run (retrained, recalibrated) is not replaced behind the user's back: loading it says how to redo it."""
+    if runtime != "onnx":
+        return
+    from edgeexit.onnx_export import export_dir, export_onnx
+    from edgeexit.rundir import RunDir
+
+    if not export_dir(RunDir(Path(run_dir)).root).exists():
+        print(f"edgeexit: exporting {run_dir} to ONNX for runtime onnx (RUN_DIR/onnx)", flush=True)
+        export_onnx(Path(run_dir))
 
 
 @command("serve-cloud")
 def run_serve_cloud(args: argparse.Namespace) -> None:
+    from edgeexit.serving.batcher import check_batching
     from edgeexit.serving.cloud_app import serve_cloud
+    from edgeexit.threads import check_threads
 
+    check_threads(args.threads)
+    check_batching(args.max_batch, args.max_wait_ms)
+    _prepare_runtime(args.run_dir, args.runtime)
     serve_cloud(
         Path(args.run_dir),
         host=args.host,
@@ -61,7 +83,8 @@ def add_serve_cloud(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=DEFAULT_MAX_WAIT_MS,
         metavar="T",
-        help=f"longest a request waits for others to join its batch (default: {DEFAULT_MAX_WAIT_MS} ms)",
+        help="longest a request waits for others to join its batch, in ms (default: adaptive, no wait for a "
+        "lone client; 0: never wait); see edgeexit.serving.batcher",
     )
     _add_serving_runtime(p)
 
@@ -79,7 +102,10 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
 @command("serve-edge")
 def run_serve_edge(args: argparse.Namespace) -> None:
     from edgeexit.serving.edge_app import serve_edge
+    from edgeexit.threads import check_threads
 
+    check_threads(args.threads)
+    _prepare_runtime(args.run_dir, args.runtime)
     serve_edge(
         Path(args.run_dir),
         cloud_url=args.cloud,
@@ -113,6 +139,7 @@ def run_classify(args: argparse.Namespace) -> None:
     from edgeexit.threads import set_threads
 
     set_threads(args.threads)
+    _prepare_runtime(args.run, args.runtime)
     runner = load_runner(
         Path(args.run),
         strategy=args.strategy,

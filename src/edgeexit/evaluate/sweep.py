@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from edgeexit import threads
 from edgeexit.atomic import atomic_write_bytes
 from edgeexit.config import RunConfig
 from edgeexit.data.distortions import check_level, distort
@@ -377,6 +378,7 @@ def evaluate_run(
 
     columns = RecordColumns()
     for level in progress(grid.levels, desc=f"evaluate {grid.distortion}", unit="level", leave=True):
+        threads.adapt()  # on a shared machine, fewer threads than cores (edgeexit.threads)
         key = {"distortion": grid.distortion, "level": level, "sample_ids": ids}
         where = {"dataset": cfg.dataset.name, "distortion": grid.distortion, "level": float(level)}
         x = distort(images, grid.distortion, level, seeds=seeds)

@@ -78,8 +78,12 @@ class ModelSpec:
         return self.temperatures is not None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return asdict(self)
+        """A JSON-ready dict; `wrapped` only when set, so an ordinary spec.json reads as it did before `wrap`
+        existed (older edgeexit versions load it)."""
+        d = asdict(self)
+        if d["wrapped"] is None:
+            del d["wrapped"]
+        return d
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys), so equal specs serialise to equal bytes."""
@@ -99,7 +103,5 @@ class ModelSpec:
 
     def identity(self) -> dict[str, Any]:
         """The fields that change what the model computes (hashed with the weights)."""
-        drop = {"training", "metrics", "content_hash", "data_root"}
-        if self.wrapped is None:
-            drop.add("wrapped")  # specs saved before wrap existed keep their content hash
-        return {k: v for k, v in self.to_dict().items() if k not in drop}
+        drop = {"training", "metrics", "content_hash", "data_root"}  # to_dict leaves out an unset `wrapped`,
+        return {k: v for k, v in self.to_dict().items() if k not in drop}  # so older specs keep their hashes

@@ -4,9 +4,14 @@ One `Batcher` per server process. Requests `submit` an item under a key (the clo
 ("classify",)); one consumer task runs one batch at a time, in a worker thread so the event loop keeps
 accepting requests meanwhile. A batch is the oldest waiting item plus every later item with the same key,
 up to `max_batch` rows. While a batch computes, new requests queue up, so under load batches form by
-themselves and an idle server answers a lone request at once: with `max_wait_ms` 0 (the default) batching
-adds no delay to a single client. A positive `max_wait_ms` holds a batch that is not full for up to that
-long after its oldest item arrived, trading latency for larger batches.
+themselves and an idle server answers a lone request at once. How long a batch that is not full waits for more:
+
+- `max_wait_ms` None (the default), adaptive: after a batch of several rows (the server is under load, its
+  clients will be back), the next batch of that key waits until as many rows are queued as the last one had, for
+  at most a fifth of the last batch's compute time (ADAPTIVE_HOLD, capped at ADAPTIVE_HOLD_MAX_MS); after a batch
+  of one row it does not wait, so a single client sees no delay;
+- `max_wait_ms` 0: never wait;
+- `max_wait_ms` T > 0: wait up to T ms after the oldest item arrived, trading latency for larger batches.
 
 Each request gets its own answer: `run(key, items)` returns one result per item. When `run` raises, every
 request of that batch gets `BatchFailed` (the apps answer 5xx with the request's id) and the next batch runs
@@ -28,7 +33,9 @@ __all__ = ["Batcher", "BatchFailed", "BatchStats", "DEFAULT_MAX_BATCH", "DEFAULT
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 64
-DEFAULT_MAX_WAIT_MS = 0.0
+DEFAULT_MAX_WAIT_MS: float | None = None  # adaptive
+ADAPTIVE_HOLD = 0.2  # of the last batch's compute time
+ADAPTIVE_HOLD_MAX_MS = 5.0
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -66,12 +73,15 @@ class BatchStats:
         self.sizes[rows] = self.sizes.get(rows, 0) + 1
 
 
-def check_batching(max_batch: object, max_wait_ms: object) -> tuple[int, float]:
-    """(max_batch, max_wait_ms) when max_batch is an integer >= 1 and max_wait_ms a finite number >= 0."""
+def check_batching(max_batch: object, max_wait_ms: object) -> tuple[int, float | None]:
+    """(max_batch, max_wait_ms) when max_batch is an integer >= 1 and max_wait_ms None (adaptive) or a finite
+    number >= 0."""
     from edgeexit.errors import UserError
 
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise UserError(f"max_batch must be an integer >= 1 (1 turns batching off), got {max_batch!r}")
+    if max_wait_ms is None:
+        return max_batch, None
     ok = isinstance(max_wait_ms, int | float) and not isinstance(max_wait_ms, bool)
     if not ok or not 0 <= float(max_wait_ms) < 60_000:  # also refuses nan and inf
         raise UserError(f"max_wait_ms must be a number of milliseconds in [0, 60000), got {max_wait_ms!r}")
@@ -89,10 +99,11 @@ class Batcher(Generic[Item, Result]):
         run: Callable[[Hashable, list[Item]], Sequence[Result]],
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
-        max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+        max_wait_ms: float | None = DEFAULT_MAX_WAIT_MS,
     ) -> None:
         self.max_batch, max_wait_ms = check_batching(max_batch, max_wait_ms)
-        self.max_wait = max_wait_ms / 1e3
+        self.max_wait = None if max_wait_ms is None else max_wait_ms / 1e3
+        self._last: dict[Hashable, tuple[int, float]] = {}  # key -> (rows, seconds) of its last batch
         self.run = run
         self.stats = BatchStats()
         self._jobs: deque[_Job[Item]] = deque()
@@ -138,14 +149,24 @@ class Batcher(Generic[Item, Result]):
         self._jobs = rest
         return batch
 
+    def _target(self, key: Hashable) -> tuple[int, float]:
+        """(rows worth waiting for, seconds to wait at most from the oldest job's arrival) for `key`."""
+        if self.max_wait is not None:
+            return self.max_batch, self.max_wait
+        rows, seconds = self._last.get(key, (1, 0.0))
+        if rows <= 1:
+            return 1, 0.0
+        return min(rows, self.max_batch), min(ADAPTIVE_HOLD * seconds, ADAPTIVE_HOLD_MAX_MS / 1e3)
+
     async def _hold(self) -> None:
-        """With max_wait > 0: wait until the oldest job's batch is full or it has waited max_wait."""
+        """Wait until the oldest job's batch has the rows worth waiting for, or it has waited long enough."""
         assert self._wake is not None
         loop = asyncio.get_running_loop()
         while self._jobs:
             oldest = self._jobs[0]
-            left = oldest.arrived + self.max_wait - loop.time()
-            if left <= 0 or self._rows_waiting(oldest.key) >= self.max_batch or oldest.future.done():
+            rows, wait = self._target(oldest.key)
+            left = oldest.arrived + wait - loop.time()
+            if left <= 0 or self._rows_waiting(oldest.key) >= rows or oldest.future.done():
                 return
             self._wake.clear()
             try:
@@ -160,7 +181,7 @@ class Batcher(Generic[Item, Result]):
                 if not self._jobs:
                     self._wake.clear()
                     await self._wake.wait()
-                if self.max_wait > 0:
+                if self.max_wait != 0:
                     await self._hold()
                 batch = self._take()
                 if batch:
@@ -187,9 +208,9 @@ class Batcher(Generic[Item, Result]):
             self._fail(batch, f"its batch of {rows} rows failed ({type(exc).__name__}: {str(exc)[:160]})")
             return
         self.stats.add(rows, ok=True)
-        log.debug(
-            "batch of %d rows (%d requests) in %.2f ms", rows, len(batch), (time.perf_counter() - t0) * 1e3
-        )
+        seconds = time.perf_counter() - t0
+        self._last[key] = (rows, seconds)
+        log.debug("batch of %d rows (%d requests) in %.2f ms", rows, len(batch), seconds * 1e3)
         for job, result in zip(batch, results, strict=True):
             if not job.future.done():
                 job.future.set_result(result)

@@ -127,7 +127,7 @@ def create_cloud_app(
     token: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     max_batch: int = DEFAULT_MAX_BATCH,
-    max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+    max_wait_ms: float | None = DEFAULT_MAX_WAIT_MS,
     models: CloudRunner | None = None,
     runtime: str = "torch",
 ) -> fastapi.FastAPI:
@@ -135,8 +135,8 @@ def create_cloud_app(
     $EDGEEXIT_TOKEN.
 
     Concurrent requests are batched (serving.batcher): up to `max_batch` rows per forward, a batch held up to
-    `max_wait_ms` for more. `models` lets several apps share already loaded models (the run directory is then
-    not read).
+    `max_wait_ms` for more (None: adaptively, see serving.batcher). `models` lets several apps share already
+    loaded models (the run directory is then not read).
     """
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise UserError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
@@ -254,7 +254,7 @@ def app_from_env() -> fastapi.FastAPI:
         Path(run_dir),
         max_body_bytes=int(os.environ.get(_ENV_MAX_BODY, DEFAULT_MAX_BODY)),
         max_batch=int(os.environ.get(_ENV_MAX_BATCH, DEFAULT_MAX_BATCH)),
-        max_wait_ms=float(os.environ.get(_ENV_MAX_WAIT, DEFAULT_MAX_WAIT_MS)),
+        max_wait_ms=float(os.environ[_ENV_MAX_WAIT]) if os.environ.get(_ENV_MAX_WAIT) else None,
         runtime=os.environ.get(_ENV_RUNTIME, "torch"),
     )
 
@@ -283,7 +283,7 @@ def serve_cloud(
     token: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     max_batch: int = DEFAULT_MAX_BATCH,
-    max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+    max_wait_ms: float | None = DEFAULT_MAX_WAIT_MS,
     runtime: str = "torch",
     threads: int = SERVER_THREADS,
 ) -> None:
@@ -314,7 +314,7 @@ def serve_cloud(
     os.environ[_ENV_RUN_DIR] = str(run_dir.resolve())
     os.environ[_ENV_MAX_BODY] = str(max_body_bytes)
     os.environ[_ENV_MAX_BATCH] = str(max_batch)
-    os.environ[_ENV_MAX_WAIT] = str(max_wait_ms)
+    os.environ[_ENV_MAX_WAIT] = "" if max_wait_ms is None else str(max_wait_ms)
     os.environ[_ENV_RUNTIME] = runtime
     os.environ[_ENV_THREADS] = str(threads)
     if token is not None:

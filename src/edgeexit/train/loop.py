@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
+from edgeexit import threads
 from edgeexit.atomic import atomic_write_bytes
 from edgeexit.config import RunConfig, TrainConfig
 from edgeexit.data import DEFAULT_LEVELS, ImageDataset, Preprocessing, Split
@@ -260,6 +261,7 @@ def _train(
 
     while not st.done(t):
         epoch = st.epoch + 1
+        threads.adapt()  # on a shared machine, fewer threads than cores (edgeexit.threads)
         started = time.perf_counter()
         _seed_globals(seed_of(t.seed, epoch, info.rank, 0))
         order = ddp.shard(torch.randperm(len(train_data), generator=generator(t.seed, epoch, 0, 1)), info)
