@@ -12,7 +12,8 @@ offloads of a real stage-k tensor (32 px MobileNetV2, random weights) through th
 - /healthz: round trip of GET /healthz with http.client (the same client for both), target <= 0.5 ms.
 
 The baseline server runs as it ran then: uvicorn's h11 parser and asyncio loop (httptools and uvloop were not
-installed), access log on.
+installed), access log on. Both servers compute with torch (`--runtime torch`), so that the comparison is of the
+request path alone.
 
     python bench/bench_request_path.py [--baseline ca52d6f] [--requests 400] [--rounds 5] [--k 3]
 """
@@ -135,7 +136,17 @@ def main() -> None:
             if name == "baseline":
                 cmd = [sys.executable, "-c", BASELINE_SERVER, str(run), str(port)]
             else:
-                cmd = [sys.executable, "-m", "edgeexit", "serve-cloud", str(run), "--port", str(port)]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "edgeexit",
+                    "serve-cloud",
+                    str(run),
+                    "--port",
+                    str(port),
+                    "--runtime",
+                    "torch",
+                ]
             servers[name] = subprocess.Popen(
                 cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )

@@ -24,9 +24,14 @@ def _add_serving_runtime(p: argparse.ArgumentParser) -> None:
     add_threads_flag(p, default=SERVING_THREADS)
 
 
-def _prepare_runtime(run_dir: str, runtime: str) -> None:
-    """Runtime onnx on a run never exported: export it now (RUN_DIR/onnx). An export that no longer matches the
-    run (retrained, recalibrated) is not replaced behind the user's back: loading it says how to redo it."""
+def _prepare_runtime(run_dir: str, runtime: str, host: str | None = None, port: int | None = None) -> None:
+    """Runtime onnx on a run never exported: export it now (RUN_DIR/onnx), once the server's port is known to be
+    free. An export that no longer matches the run (retrained, recalibrated) is not replaced behind the user's
+    back: loading it says how to redo it."""
+    if port is not None:
+        from edgeexit.serving.server import check_port_free
+
+        check_port_free(host or "127.0.0.1", port)
     if runtime != "onnx":
         return
     from edgeexit.onnx_export import export_dir, export_onnx
@@ -45,7 +50,7 @@ def run_serve_cloud(args: argparse.Namespace) -> None:
 
     check_threads(args.threads)
     check_batching(args.max_batch, args.max_wait_ms)
-    _prepare_runtime(args.run_dir, args.runtime)
+    _prepare_runtime(args.run_dir, args.runtime, args.host, args.port)
     serve_cloud(
         Path(args.run_dir),
         host=args.host,
@@ -105,7 +110,7 @@ def run_serve_edge(args: argparse.Namespace) -> None:
     from edgeexit.threads import check_threads
 
     check_threads(args.threads)
-    _prepare_runtime(args.run_dir, args.runtime)
+    _prepare_runtime(args.run_dir, args.runtime, args.host, args.port)
     serve_edge(
         Path(args.run_dir),
         cloud_url=args.cloud,
