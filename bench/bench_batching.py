@@ -9,7 +9,7 @@ Printed per size: req/s at 16 clients (batched / unbatched, target >= 3x at 32 p
 1-client p50 (batched within 10% of unbatched), the mean rows per batch, and the achieved req/s as a fraction
 of the bare batched compute rate (`CloudRunner.finish_many` on batches of `--clients` rows, in-process).
 
-    python bench/bench_batching.py [--sizes 32 224] [--clients 16] [--seconds 6] [--rounds 2]
+    python bench/bench_batching.py [--runtime onnx|torch] [--sizes 32 224] [--clients 16] [--seconds 6] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,8 +26,10 @@ import time
 from pathlib import Path
 
 import torch
+from common import free_port
 
 from edgeexit.model import load_checkpoint, new_model, save_checkpoint
+from edgeexit.onnx_export import export_onnx
 from edgeexit.rundir import RunDir
 from edgeexit.serving import wire
 from edgeexit.serving.client import CloudClient
@@ -43,13 +44,7 @@ def random_run(root: Path, size: int) -> Path:
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(run: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start(run: Path, max_batch: int, runtime: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
@@ -62,6 +57,8 @@ def start(run: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
         str(port),
         "--max-batch",
         str(max_batch),
+        "--runtime",
+        runtime,
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -111,9 +108,9 @@ def load(url: str, body: bytes, clients: int, seconds: float) -> dict[str, float
     }
 
 
-def bare_rate(run: Path, h: torch.Tensor, k: int, rows: int) -> float:
+def bare_rate(run: Path, h: torch.Tensor, k: int, rows: int, runtime: str) -> float:
     """Samples/s of `finish_many` on batches of `rows` single-row tensors, in this process, one thread."""
-    m = CloudRunner.load(run)
+    m = CloudRunner.load(run, runtime)
     items = [h] * rows
     for _ in range(3):
         m.finish_many(k, items)
@@ -131,6 +128,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--k", type=int, default=3)
+    ap.add_argument(
+        "--runtime", default="onnx", choices=["onnx", "torch"], help="the servers' (default: onnx)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-batching-"))
@@ -144,7 +144,9 @@ def main() -> None:
         with torch.inference_mode():
             _, h = net.edge_part(spec.preprocessing.normalize(x), args.k)
         body = wire.encode_payload(h, model_hash=spec.content_hash, k=args.k, request_id="b")
-        servers = {"batched": start(run, 64), "unbatched": start(run, 1)}
+        if args.runtime == "onnx":
+            export_onnx(run)
+        servers = {"batched": start(run, 64, args.runtime), "unbatched": start(run, 1, args.runtime)}
         res: dict[tuple[str, int], list[dict]] = {}
         try:
             for _ in range(args.rounds):
@@ -156,12 +158,12 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(timeout=20)
         med = {key: {m: statistics.median(r[m] for r in rs) for m in rs[0]} for key, rs in res.items()}
-        bare = bare_rate(run, h, args.k, args.clients)
+        bare = bare_rate(run, h, args.k, args.clients, args.runtime)
         b, u = med[("batched", args.clients)], med[("unbatched", args.clients)]
         b1, u1 = med[("batched", 1)], med[("unbatched", 1)]
         out[size] = {"batched": b, "unbatched": u, "batched1": b1, "unbatched1": u1, "bare": bare}
         print(
-            f"{size} px, k={args.k}: {args.clients} clients {b['rps']:.0f} vs {u['rps']:.0f} req/s "
+            f"{size} px, k={args.k}, runtime {args.runtime}: {args.clients} clients {b['rps']:.0f} vs {u['rps']:.0f} req/s "
             f"({b['rps'] / u['rps']:.2f}x), {b['rows']:.1f} rows per batch; 1 client p50 {b1['p50']:.2f} vs "
             f"{u1['p50']:.2f} ms ({b1['p50'] / u1['p50']:.2f}x); bare batched compute {bare:.0f} samples/s, "
             f"achieved {b['rps'] / bare:.0%} of it",

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, baseline_sources, free_port
 
 BASELINE_SERVER = """
 import sys, uvicorn
@@ -80,12 +80,6 @@ print(json.dumps({
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -112,13 +106,7 @@ def main() -> None:
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-request-path-"))
-    base_src = tmp / "baseline"
-    base_src.mkdir()
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", args.baseline, "src"], check=True, capture_output=True
-    )
-    subprocess.run(["tar", "-x", "-C", str(base_src)], input=archive.stdout, check=True)
-    versions = {"baseline": base_src / "src", "current": REPO / "src"}
+    versions = {"baseline": baseline_sources(args.baseline, tmp / "baseline"), "current": REPO / "src"}
     env0 = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
     run = tmp / "run"

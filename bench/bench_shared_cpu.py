@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, baseline_sources
+
 BURN = "while True: pass"
 
 
@@ -67,13 +68,7 @@ def main() -> None:
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-shared-cpu-"))
-    base = tmp / "baseline"
-    base.mkdir()
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", args.baseline, "src"], check=True, capture_output=True
-    )
-    subprocess.run(["tar", "-x", "-C", str(base)], input=archive.stdout, check=True)
-    versions = {"baseline": base / "src", "current": REPO / "src"}
+    versions = {"baseline": baseline_sources(args.baseline, tmp / "baseline"), "current": REPO / "src"}
 
     # A trained, calibrated run for each version's sweep, made by that version (1 epoch of both models; the
     # accuracy does not matter, and a version reads only its own run and config format).

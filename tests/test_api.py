@@ -19,6 +19,7 @@ from edgeexit.config import RunConfig
 from edgeexit.errors import UserError
 from edgeexit.inference import exit_probabilities
 from edgeexit.model import new_model
+from edgeexit.onnx_export import export_onnx
 from edgeexit.train.tensorboard import open_writer
 
 EXITS = ["features.2", "features.4", "features.6"]
@@ -136,6 +137,15 @@ def test_wrapped_model_trains_calibrates_evaluates_and_offloads(tmp_path: Path) 
         assert a.outcome == "ok" and a.bytes_sent > 0
         assert a.label == int(local[-1][j].argmax())
         assert a.confidence == pytest.approx(float(local[-1][j].max()), abs=1e-5)
+
+    # Exported like any run: the onnx runtime gives the same edge exits and labels.
+    export_onnx(run)
+    with edgeexit.load_runner(run, strategy="ee", alpha=0.6, runtime="onnx") as on_onnx:
+        with edgeexit.load_runner(run, strategy="ee", alpha=0.6) as on_torch:
+            for img in x[:8]:
+                a, b = on_onnx.classify_uint8(img), on_torch.classify_uint8(img)
+                assert (a.exit, a.label) == (b.exit, b.label)
+                assert a.confidence == pytest.approx(b.confidence, abs=1e-4)
 
 
 def _folder(root: Path, per_class: int) -> None:

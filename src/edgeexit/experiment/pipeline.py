@@ -241,7 +241,8 @@ def reproduce(
         lambda: _ablation(run, acfg),
     )
 
-    online_key = _key(models, cfg.experiment.model_dump(), cfg.link.model_dump())
+    # the runtime too: its timings are what the online stage measures
+    online_key = _key(models, cfg.experiment.model_dump(), cfg.link.model_dump(), cfg.runtime.backend)
     key_file = run.online / "key"
     if key_file.is_file() and key_file.read_text() != online_key:
         for stale in run.online.glob("*.parquet"):  # per-level files of another configuration or model
@@ -249,14 +250,18 @@ def reproduce(
     atomic_write_bytes(key_file, online_key.encode())
     stages.run("online", online_key, lambda: _online(run, cfg))
 
-    online_records = pd.concat(
-        [pd.read_parquet(p) for p in sorted(run.online.glob("*.parquet"))], ignore_index=True
-    )
-    online_summary = summarize(online_records)
-    online_summary.to_csv(run.online / "summary.csv", index=False)
-    deadlines = deadline_table(online_records)
-    deadlines.to_csv(run.online / "deadlines.csv", index=False)
+    online_summary, deadlines = _online_tables(run)
     return _report(run, cfg, offline, online_summary, deadlines, stages)
+
+
+def _online_tables(run: RunDir) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The online records' summary and missed-deadline table, each also written to RUN_DIR/online."""
+    records = pd.concat([pd.read_parquet(p) for p in sorted(run.online.glob("*.parquet"))], ignore_index=True)
+    summary = summarize(records)
+    summary.to_csv(run.online / "summary.csv", index=False)
+    deadlines = deadline_table(records)
+    deadlines.to_csv(run.online / "deadlines.csv", index=False)
+    return summary, deadlines
 
 
 def ablation_config(cfg: RunConfig) -> RunConfig:
@@ -742,11 +747,5 @@ def report_only(run_dir: str | Path) -> Path:
     run = RunDir(Path(run_dir))
     cfg = run.load_config()
     offline = pd.read_csv(run.summary)
-    online_records = pd.concat(
-        [pd.read_parquet(p) for p in sorted(run.online.glob("*.parquet"))], ignore_index=True
-    )
-    online = summarize(online_records)
-    online.to_csv(run.online / "summary.csv", index=False)
-    deadlines = deadline_table(online_records)
-    deadlines.to_csv(run.online / "deadlines.csv", index=False)
+    online, deadlines = _online_tables(run)
     return _report(run, cfg, offline, online, deadlines, Stages(run))
