@@ -8,10 +8,10 @@ from pathlib import Path
 
 from edgeexit.cli.common import add_choice, add_runtime_flag, add_threads_flag, command, probability
 from edgeexit.serving.batcher import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS
+from edgeexit.threads import SERVER_THREADS
 
-# Servers and the edge runner: one intra-op thread per process (edgeexit.threads.SERVER_THREADS); the
-# default backend is the one that measured fastest for them (BENCHMARKS.md: ONNX Runtime, 2.6-4.8x torch).
-SERVING_THREADS = 1
+# The default backend of the servers and the edge runner is the one that measured fastest for them
+# (BENCHMARKS.md: ONNX Runtime, 2.6-4.8x torch); they compute with SERVER_THREADS threads per process.
 SERVING_RUNTIME = "onnx"
 
 
@@ -21,7 +21,7 @@ def _add_serving_runtime(p: argparse.ArgumentParser) -> None:
         default=SERVING_RUNTIME,
         help=f"model runtime (default: {SERVING_RUNTIME}; a run never exported is exported first)",
     )
-    add_threads_flag(p, default=SERVING_THREADS)
+    add_threads_flag(p, default=SERVER_THREADS)
 
 
 def _prepare_runtime(run_dir: str, runtime: str, host: str | None = None, port: int | None = None) -> None:
