@@ -38,7 +38,7 @@ import torch
 from edgeexit.model import new_model, save_checkpoint
 from edgeexit.model.build import settle_batchnorm
 from edgeexit.onnx_export import export_onnx
-from edgeexit.onnx_runtime import OnnxRuntime, edge_stage_file
+from edgeexit.onnx_runtime import OnnxRuntime, edge_stage_file, session_options
 from edgeexit.runtime import TorchRuntime
 from edgeexit.serving.edge_runner import EdgeRunner
 
@@ -64,12 +64,7 @@ def make_run(root: Path, size: int) -> torch.Tensor:
 
 def bare_sessions(root: Path, threads: int) -> list[ort.InferenceSession]:
     """The export's edge-stage graphs in plain ONNX Runtime sessions, set up as OnnxRuntime sets them up."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so = session_options(ort, threads)
     return [
         ort.InferenceSession(str(root / "onnx" / edge_stage_file(i)), so, providers=["CPUExecutionProvider"])
         for i in (1, 2, 3)

@@ -43,6 +43,7 @@ __all__ = [
     "cloud_part_file",
     "CONVENTIONAL_FILE",
     "read_manifest",
+    "session_options",
 ]
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,8 @@ class _Graph:
         return [torch.from_numpy(a) for a in self._run(self.outputs, {self.input: arr}, None)]
 
 
-def _session_options(ort: Any, threads: int) -> Any:
+def session_options(ort: Any, threads: int) -> Any:
+    """The `onnxruntime.SessionOptions` every session of this runtime gets (`ort` is the imported module)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -208,7 +210,7 @@ class OnnxRuntime(Runtime):
         if threads < 1:
             raise UserError(f"threads must be a positive integer, got {threads}")
         ort = _import_onnxruntime()
-        options = _session_options(ort, threads)
+        options = session_options(ort, threads)
         n = spec.num_branches
 
         def graph(name: str, want: str, what: str) -> _Graph:

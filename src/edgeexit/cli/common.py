@@ -130,13 +130,6 @@ def add_runtime_flag(p: argparse.ArgumentParser, *, default: str | None, help: s
     add_choice(p, "--runtime", default=default, names="runtime.backend", help=help)
 
 
-def set_threads(n: int | None) -> None:
-    """Apply a command's thread count (None: torch's default) before it computes."""
-    from edgeexit.threads import set_threads as apply
-
-    apply(n)
-
-
 def add_set_flag(p: argparse.ArgumentParser) -> None:
     """`--set section.key=value`, repeatable; the value is read as TOML (a bare word stays a string)."""
     p.add_argument(

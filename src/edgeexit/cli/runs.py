@@ -15,9 +15,9 @@ from edgeexit.cli.common import (
     apply_overrides,
     command,
     run_config,
-    set_threads,
 )
 from edgeexit.errors import UserError
+from edgeexit.threads import set_threads
 
 # --- inspect -----------------------------------------------------------------------------------------------
 

@@ -25,10 +25,10 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Batcher", "BatchFailed", "BatchStats", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_WAIT_MS"]
+__all__ = ["Batcher", "BatchFailed", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_WAIT_MS", "check_batching"]
 
 log = logging.getLogger(__name__)
 
@@ -52,25 +52,6 @@ class _Job(Generic[Item]):
     rows: int
     future: asyncio.Future
     arrived: float  # loop.time()
-
-
-@dataclass
-class BatchStats:
-    """Counters since the server started: batches run, rows in them, the largest, batches that failed."""
-
-    batches: int = 0
-    rows: int = 0
-    largest: int = 0
-    failed: int = 0
-    sizes: dict[int, int] = field(default_factory=dict)  # rows per batch -> how many batches
-
-    def add(self, rows: int, ok: bool) -> None:
-        """Count one batch of `rows` rows."""
-        self.batches += 1
-        self.rows += rows
-        self.largest = max(self.largest, rows)
-        self.failed += not ok
-        self.sizes[rows] = self.sizes.get(rows, 0) + 1
 
 
 def check_batching(max_batch: object, max_wait_ms: object) -> tuple[int, float | None]:
@@ -105,7 +86,6 @@ class Batcher(Generic[Item, Result]):
         self.max_wait = None if max_wait_ms is None else max_wait_ms / 1e3
         self._last: dict[Hashable, tuple[int, float]] = {}  # key -> (rows, seconds) of its last batch
         self.run = run
-        self.stats = BatchStats()
         self._jobs: deque[_Job[Item]] = deque()
         self._wake: asyncio.Event | None = None
         self._consumer: asyncio.Task | None = None
@@ -203,11 +183,9 @@ class Batcher(Generic[Item, Result]):
             if len(results) != len(batch):
                 raise RuntimeError(f"{len(results)} results for {len(batch)} requests")
         except Exception as exc:
-            self.stats.add(rows, ok=False)
             log.warning("batch of %d rows (%d requests, key %s) failed: %r", rows, len(batch), key, exc)
             self._fail(batch, f"its batch of {rows} rows failed ({type(exc).__name__}: {str(exc)[:160]})")
             return
-        self.stats.add(rows, ok=True)
         seconds = time.perf_counter() - t0
         self._last[key] = (rows, seconds)
         log.debug("batch of %d rows (%d requests) in %.2f ms", rows, len(batch), seconds * 1e3)
