@@ -1,6 +1,12 @@
 """The edge server: an HTTP front for one edge runner (serving.edge_runner), which does all the work.
 
-POST /v1/classify (image bytes) -> EdgeAnswer JSON; GET /v1/config; GET /healthz (always open).
+POST /v1/classify (image bytes) -> EdgeAnswer JSON; GET /v1/config; GET /healthz (always open):
+{"status": "ok", "breaker": "closed" | "open" | "half_open" | "disabled"}, the cloud client's circuit breaker.
+
+Each classification runs in a worker thread, and one waiting on the cloud holds its thread up to the offload
+deadline. Starlette's `run_in_threadpool` shares anyio's default limiter of 40 threads: with a cloud that never
+answers, image 41 would wait a whole deadline for a thread before its own began. The edge has its own limiter,
+`max_threads` (DEFAULT_MAX_THREADS): a thread blocked on a socket costs little memory and no CPU.
 """
 
 from __future__ import annotations
@@ -8,12 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import fastapi
 import uvicorn
 from fastapi import Request
-from starlette.concurrency import run_in_threadpool
 
 from edgeexit.errors import UserError
+from edgeexit.serving.client import DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_FAILURES, DEFAULT_DEADLINE
 from edgeexit.serving.edge_runner import EdgeAnswer, Runner, load_runner
 from edgeexit.serving.http import (
     binary_body,
@@ -31,21 +39,35 @@ from edgeexit.threads import SERVER_THREADS, check_threads, set_threads
 __all__ = ["create_edge_app", "serve_edge", "EDGE_TOKEN_ENV"]
 
 EDGE_TOKEN_ENV = "EDGEEXIT_EDGE_TOKEN"
+# Images classified at once. With a cloud that never answers, each offloading image holds a thread for the
+# whole deadline: at 256 the edge takes 256 such images per deadline before a new one waits for a thread, and
+# after DEFAULT_BREAKER_FAILURES failures the breaker answers the rest at once.
+DEFAULT_MAX_THREADS = 256
 
 
 def create_edge_app(
-    runner: Runner, *, token: str | None = None, max_body_bytes: int = 16 << 20
+    runner: Runner,
+    *,
+    token: str | None = None,
+    max_body_bytes: int = 16 << 20,
+    max_threads: int = DEFAULT_MAX_THREADS,
 ) -> fastapi.FastAPI:
     """The edge server: POST /v1/classify (image bytes) -> EdgeAnswer JSON; GET /healthz, GET /v1/config.
 
     `token` (None: $EDGEEXIT_EDGE_TOKEN) is the bearer token the edge's clients must send; the cloud's token is
     the runner's client's business. The edge keeps serving when the cloud is down: answers then carry
-    outcome "offload_failed".
+    outcome "offload_failed". At most `max_threads` images are classified at once (see the module docstring).
     """
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise UserError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
+    if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
+        raise UserError(f"max_threads must be a positive integer, got {max_threads!r}")
     token = resolve_token(token, EDGE_TOKEN_ENV)
-    app, api = new_app("edgeexit edge server", __doc__, token)
+    app, api = new_app(
+        "edgeexit edge server", __doc__, token, health=lambda: {"breaker": runner.breaker_state()}
+    )
+    limiter = anyio.CapacityLimiter(max_threads)
+    app.state.limiter = limiter
 
     @api.get("/v1/config", responses=error_responses(401))
     async def config() -> dict[str, Any]:
@@ -63,7 +85,7 @@ def create_edge_app(
         check_content_type(request, IMAGE_TYPES)
         body = await read_body(request, max_body_bytes)
         try:
-            answer = await run_in_threadpool(runner.classify_image, body)
+            answer = await anyio.to_thread.run_sync(runner.classify_image, body, limiter=limiter)
         except ImageRejected as exc:
             raise error(exc.status, str(exc)) from None
         return answer
@@ -86,9 +108,13 @@ def serve_edge(
     cloud_token: str | None = None,
     runtime: str = "torch",
     threads: int = SERVER_THREADS,
+    deadline: float | None = DEFAULT_DEADLINE,
+    breaker_failures: int = DEFAULT_BREAKER_FAILURES,
+    breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN,
 ) -> None:
     """Run the edge server with uvicorn until interrupted (token: clients' bearer token; cloud_token: the cloud's),
-    computing with `threads` intra-op threads."""
+    computing with `threads` intra-op threads; each offload gets `deadline` seconds in all, and the circuit
+    breaker opens after `breaker_failures` consecutive failures for `breaker_cooldown` seconds."""
     check_threads(threads)
     check_port_free(host, port)
     set_threads(threads)
@@ -101,6 +127,9 @@ def serve_edge(
         precision=precision,
         token=cloud_token,
         runtime=runtime,
+        deadline=deadline,
+        breaker_failures=breaker_failures,
+        breaker_cooldown=breaker_cooldown,
     )
     try:
         uvicorn.run(create_edge_app(runner, token=token), host=host, port=port, **uvicorn_options())

@@ -4,8 +4,10 @@ content types, one-line JSON errors and their OpenAPI descriptions."""
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import fastapi
@@ -87,13 +89,17 @@ class BearerAuth:
 
 
 def new_app(
-    title: str, description: str | None, token: str | None
+    title: str,
+    description: str | None,
+    token: str | None,
+    *,
+    health: Callable[[], dict[str, str]] | None = None,
 ) -> tuple[fastapi.FastAPI, fastapi.APIRouter]:
     """A FastAPI app with one-line JSON errors, an open GET /healthz, open API docs that need no internet
     (/docs, /redoc, /openapi.json; see serving.docs), and the router for its protected routes (bearer token
     `token`, None: open; BearerAuth guards every route but /healthz and the docs); include the router once its
-    routes are declared. DocsAssetsMissing
-    if the docs' assets are not installed."""
+    routes are declared. `health` adds fields to /healthz's {"status": "ok"}, read at each call (keep it cheap).
+    DocsAssetsMissing if the docs' assets are not installed."""
     app = fastapi.FastAPI(
         title=title, version="1", description=description or "", docs_url=None, redoc_url=None
     )
@@ -104,7 +110,9 @@ def new_app(
     @app.get("/healthz", response_model=dict[str, str])
     async def healthz() -> Response:
         """Liveness: always open, even with a token configured."""
-        return healthy
+        if health is None:
+            return healthy
+        return Response(json.dumps({"status": "ok", **health()}).encode(), media_type="application/json")
 
     api = fastapi.APIRouter()
     if token is not None:
