@@ -10,6 +10,7 @@ Behaviours:
 - "reset": read the request, then reset the connection (RST).
 - "status": answer `status` with {"detail": ...}, or with `body` when given.
 - "raw": answer 200 (application/json) with `body`, bytes as they are (a huge answer, nested brackets).
+- "bytes": write `data` as the whole answer, status line and headers included, then close the connection.
 
 `requests` counts the requests read, whatever the behaviour.
 """
@@ -86,6 +87,10 @@ class FakeCloud:
             sock = writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()
+            return False
+        if name == "bytes":
+            writer.write(p["data"])
+            await writer.drain()
             return False
         if name == "status":
             body = p.get("body", json.dumps({"detail": f"fake failure {p['status']}"}).encode())

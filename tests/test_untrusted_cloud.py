@@ -99,6 +99,8 @@ def fake(env: Env) -> FakeCloud:
 NESTED = b"[" * 100_000  # the answer: json raises RecursionError
 DEEP = json.dumps({"label": json.loads("[" * 500 + "]" * 500), "confidence": 0.5}).encode()  # parses; deep
 OTHER_MODEL = "the other model's hash"
+HEAD_200 = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+CHUNKED = HEAD_200 + b"Transfer-Encoding: chunked\r\n\r\n"
 # case: (behaviour, parameters, reason, text in the detail, requests the cloud sees with 2 retries)
 CASES = {
     "hang": ("hang", {}, "deadline", "offload deadline of 300 ms", 1),
@@ -109,6 +111,16 @@ CASES = {
     "http_500_nested": ("status", {"status": 500, "body": NESTED}, "http_5xx", "HTTP 500: [[[", 3),
     "http_422": ("status", {"status": 422}, "http_4xx", "HTTP 422", 1),
     "http_409": ("status", {"status": 409}, "hash_mismatch", "HTTP 409", 1),
+    "bad_status_line": ("bytes", {"data": b"HTTP/1.1 abc\r\n\r\n"}, "network", "BadStatusLine", 3),
+    "bad_chunk": ("bytes", {"data": CHUNKED + b"zz\r\n{}\r\n0\r\n\r\n"}, "network", "IncompleteRead", 3),
+    "truncated": (
+        "bytes",
+        {"data": HEAD_200 + b"Content-Length: 500\r\n\r\n{}"},
+        "network",
+        "IncompleteRead",
+        3,
+    ),
+    "no_answer": ("bytes", {"data": b""}, "network", "RemoteDisconnected", 3),
     "huge": ("raw", {"body": b'"' + b"x" * (2 << 20) + b'"'}, "answer_too_large", "over 1048576 bytes", 1),
     "nested": ("raw", {"body": NESTED}, "bad_answer", "RecursionError", 1),
     "deep": ("raw", {"body": DEEP}, "bad_answer", "label a JSON list", 1),

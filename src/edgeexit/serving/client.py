@@ -215,6 +215,10 @@ def _answer(r: Reply, request_id: str | None, expect: Expect | None) -> CloudAns
     )
 
 
+def _attempts(n: int) -> str:
+    return "1 attempt" if n == 1 else f"{n} attempts"
+
+
 def _time_left(deadline: float, cap: float) -> float:
     """Seconds a socket operation may wait: the time left to `deadline` (a time.monotonic() value), at most
     `cap`; TimeoutError when none is left."""
@@ -473,7 +477,8 @@ class CloudClient:
             attempts += 1
             try:
                 r = self._send(method, path, body, headers, deadline)
-            except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, broken answers
+            # refused, reset, timed out, broken answers (some of http.client's parsing raises ValueError)
+            except (OSError, http.client.HTTPException, ValueError) as exc:
                 cause = exc.__cause__ if isinstance(exc, _ConnectFailed) and exc.__cause__ else exc
                 last, status = f"{type(cause).__name__}: {str(cause)[:120] or 'no detail'}", None
                 if isinstance(exc, _ConnectFailed):
@@ -498,12 +503,12 @@ class CloudClient:
         if time.monotonic() >= deadline:
             raise OffloadFailed(
                 f"no answer from {self.base_url}{path} within the offload deadline of "
-                f"{self.deadline * 1e3:.0f} ms ({attempts} attempts; last: {last})",  # type: ignore[operator]
+                f"{self.deadline * 1e3:.0f} ms ({_attempts(attempts)}; last: {last})",  # type: ignore[operator]
                 status,
                 reason="deadline",
             )
         raise OffloadFailed(
-            f"no answer from {self.base_url}{path} after {attempts} attempts (last: {last})",
+            f"no answer from {self.base_url}{path} after {_attempts(attempts)} (last: {last})",
             status,
             reason=reason,
         )
