@@ -12,7 +12,7 @@ Behaviours:
 - "raw": answer 200 (application/json) with `body`, bytes as they are (a huge answer, nested brackets).
 - "bytes": write `data` as the whole answer, status line and headers included, then close the connection.
 
-`requests` counts the requests read, whatever the behaviour.
+`requests` counts the requests read, whatever the behaviour; `connections` the connections accepted.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class FakeCloud:
     def __init__(self, upstream: str | None = None) -> None:
         self.upstream = upstream
         self.requests = 0
+        self.connections = 0
         self._behaviour: tuple[str, dict[str, Any]] = ("proxy", {})
         self._loop = asyncio.new_event_loop()
         self._tasks: set[asyncio.Task] = set()
@@ -62,6 +63,7 @@ class FakeCloud:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self.connections += 1
         try:
             while True:  # keep-alive: one request after another
                 request = await _read_request(reader)

@@ -90,7 +90,7 @@ def env(tiny_run: tuple[Path, RunConfig]) -> Iterator[Env]:
 @pytest.fixture
 def fake(env: Env) -> FakeCloud:
     env.fake.behave("proxy")
-    env.fake.requests = 0
+    env.fake.requests = env.fake.connections = 0
     return env.fake
 
 
@@ -180,6 +180,8 @@ def test_a_valid_answer_is_used_slow_or_not(
     assert (a.outcome, a.reason, a.detail, a.answered_at, a.exit) == ("ok", None, None, "cloud", 0)
     assert (a.label, a.confidence) == (direct.label, direct.confidence)
     assert runner.outcome_counts() == {"ok": 1} and fake.requests == 1
+    runner.classify_image(env.pngs[2])  # the bounded reads leave a kept-alive connection reusable
+    assert runner.outcome_counts() == {"ok": 2} and (fake.requests, fake.connections) == (2, 1)
 
 
 @settings(max_examples=300, deadline=None)
