@@ -1,6 +1,7 @@
 """The edge server: an HTTP front for one edge runner (serving.edge_runner), which does all the work.
 
-POST /v1/classify (image bytes) -> EdgeAnswer JSON; GET /v1/config; GET /healthz (always open).
+POST /v1/classify (image bytes) -> EdgeAnswer JSON; GET /v1/config; GET /metrics (Prometheus, with the
+answers by outcome as edgeexit_edge_answers_total); GET /healthz (always open).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import fastapi
-import uvicorn
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
@@ -25,7 +25,13 @@ from edgeexit.serving.http import (
     resolve_token,
 )
 from edgeexit.serving.images import IMAGE_TYPES, ImageRejected
-from edgeexit.serving.server import check_port_free, uvicorn_options
+from edgeexit.serving.limits import (
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_CONCURRENCY,
+    check_idle_timeout,
+    check_max_concurrency,
+)
+from edgeexit.serving.server import check_port_free, run_server
 from edgeexit.threads import SERVER_THREADS, check_threads, set_threads
 
 __all__ = ["create_edge_app", "serve_edge", "EDGE_TOKEN_ENV"]
@@ -34,18 +40,25 @@ EDGE_TOKEN_ENV = "EDGEEXIT_EDGE_TOKEN"
 
 
 def create_edge_app(
-    runner: Runner, *, token: str | None = None, max_body_bytes: int = 16 << 20
+    runner: Runner,
+    *,
+    token: str | None = None,
+    max_body_bytes: int = 16 << 20,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
 ) -> fastapi.FastAPI:
     """The edge server: POST /v1/classify (image bytes) -> EdgeAnswer JSON; GET /healthz, GET /v1/config.
 
     `token` (None: $EDGEEXIT_EDGE_TOKEN) is the bearer token the edge's clients must send; the cloud's token is
     the runner's client's business. The edge keeps serving when the cloud is down: answers then carry
-    outcome "offload_failed".
+    outcome "offload_failed". Beyond `max_concurrency` requests in progress: 503 with Retry-After.
     """
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise UserError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
     token = resolve_token(token, EDGE_TOKEN_ENV)
-    app, api = new_app("edgeexit edge server", __doc__, token)
+    app, api = new_app("edgeexit edge server", __doc__, token, max_concurrency=max_concurrency)
+    answers = app.state.metrics.counter(
+        "edgeexit_edge_answers", "answers by outcome and where they were answered", ["outcome", "answered_at"]
+    )
 
     @api.get("/v1/config", responses=error_responses(401))
     async def config() -> dict[str, Any]:
@@ -66,6 +79,7 @@ def create_edge_app(
             answer = await run_in_threadpool(runner.classify_image, body)
         except ImageRejected as exc:
             raise error(exc.status, str(exc)) from None
+        answers.labels(answer.outcome, answer.answered_at).inc()
         return answer
 
     app.include_router(api)
@@ -86,10 +100,14 @@ def serve_edge(
     cloud_token: str | None = None,
     runtime: str = "torch",
     threads: int = SERVER_THREADS,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
 ) -> None:
     """Run the edge server with uvicorn until interrupted (token: clients' bearer token; cloud_token: the cloud's),
-    computing with `threads` intra-op threads."""
+    computing with `threads` intra-op threads; connection limits as in serving.server."""
     check_threads(threads)
+    check_max_concurrency(max_concurrency)
+    check_idle_timeout(idle_timeout)
     check_port_free(host, port)
     set_threads(threads)
     runner = load_runner(
@@ -103,6 +121,7 @@ def serve_edge(
         runtime=runtime,
     )
     try:
-        uvicorn.run(create_edge_app(runner, token=token), host=host, port=port, **uvicorn_options())
+        app = create_edge_app(runner, token=token, max_concurrency=max_concurrency)
+        run_server(app, host=host, port=port, idle_timeout=idle_timeout)
     finally:
         runner.close()

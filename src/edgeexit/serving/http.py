@@ -1,5 +1,6 @@
-"""HTTP plumbing shared by the cloud and edge apps: bearer-token auth (an ASGI middleware), bounded bodies,
-content types, one-line JSON errors and their OpenAPI descriptions."""
+"""HTTP plumbing shared by the cloud and edge apps: bearer-token auth and a cap on concurrent requests (ASGI
+middlewares), GET /metrics (serving.metrics), bounded bodies, content types, one-line JSON errors and their
+OpenAPI descriptions."""
 
 from __future__ import annotations
 
@@ -13,14 +14,18 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from edgeexit.serving.docs import ASSETS_URL, install_docs
+from edgeexit.serving.limits import DEFAULT_MAX_CONCURRENCY, RETRY_AFTER_S, check_max_concurrency
+from edgeexit.serving.metrics import CONTENT_TYPE, MetricsMiddleware, ServerMetrics
 
 __all__ = [
     "TOKEN_ENV",
     "binary_body",
     "BearerAuth",
     "check_content_type",
+    "ConcurrencyLimit",
     "error",
     "error_responses",
     "install_error_handlers",
@@ -34,6 +39,7 @@ log = logging.getLogger(__name__)
 TOKEN_ENV = "EDGEEXIT_TOKEN"
 OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 _AUTH_DETAIL = "missing or wrong bearer token; expected header 'Authorization: Bearer <token>'"
+UNCAPPED_PATHS = frozenset({"/healthz", "/metrics"})  # answered at once, and wanted most when busy
 
 
 def resolve_token(token: str | None, env: str = TOKEN_ENV) -> str | None:
@@ -86,29 +92,71 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+class ConcurrencyLimit:
+    """ASGI middleware: at most `limit` requests in progress at once (but /healthz and /metrics, which are
+    always answered); beyond it 503 with `Retry-After` and a one-line JSON detail, before the body is read.
+
+    Ours rather than uvicorn's `limit_concurrency`: that one counts idle keep-alive connections as well as
+    requests, and answers a plain-text 503 without Retry-After.
+    """
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.in_flight = 0
+        detail = f"server busy: {limit} requests in progress, its limit; retry after {RETRY_AFTER_S} s"
+        self.busy = JSONResponse(
+            {"detail": detail}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)}
+        )
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in UNCAPPED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            await self.busy(scope, receive, send)
+            return
+        self.in_flight += 1  # one event loop per app: no lock needed
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
 def new_app(
-    title: str, description: str | None, token: str | None
+    title: str, description: str | None, token: str | None, *, max_concurrency: int = DEFAULT_MAX_CONCURRENCY
 ) -> tuple[fastapi.FastAPI, fastapi.APIRouter]:
     """A FastAPI app with one-line JSON errors, an open GET /healthz, open API docs that need no internet
-    (/docs, /redoc, /openapi.json; see serving.docs), and the router for its protected routes (bearer token
-    `token`, None: open; BearerAuth guards every route but /healthz and the docs); include the router once its
-    routes are declared. DocsAssetsMissing
-    if the docs' assets are not installed."""
+    (/docs, /redoc, /openapi.json; see serving.docs), GET /metrics (serving.metrics; `app.state.metrics`), at
+    most `max_concurrency` requests in progress (ConcurrencyLimit), and the router for its protected routes
+    (bearer token `token`, None: open; BearerAuth guards every route but /healthz and the docs); include the
+    router once its routes are declared. DocsAssetsMissing if the docs' assets are not installed."""
+    check_max_concurrency(max_concurrency)
     app = fastapi.FastAPI(
         title=title, version="1", description=description or "", docs_url=None, redoc_url=None
     )
     install_error_handlers(app)
     install_docs(app)
     healthy = Response(b'{"status":"ok"}', media_type="application/json")
+    metrics = app.state.metrics = ServerMetrics()
 
     @app.get("/healthz", response_model=dict[str, str])
     async def healthz() -> Response:
         """Liveness: always open, even with a token configured."""
         return healthy
 
+    @app.get("/metrics", response_class=Response, responses=error_responses(401))
+    async def prometheus_metrics() -> Response:
+        """Prometheus metrics (text format) of this server process; behind the token like the API."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     api = fastapi.APIRouter()
+    # Added innermost first: metrics (sees every answer) > auth > the cap (unauthenticated requests take no slot).
+    app.add_middleware(ConcurrencyLimit, limit=max_concurrency)
     if token is not None:
         app.add_middleware(BearerAuth, token=token)
+    # Requests answered before routing are labelled by path when it is an API route's (all ours are static).
+    app.add_middleware(MetricsMiddleware, metrics=metrics, known_paths=lambda: app.openapi()["paths"])
     return app, api
 
 
@@ -127,6 +175,11 @@ def install_error_handlers(app: fastapi.FastAPI) -> None:
             {"detail": _one_line(str(exc.detail))}, status_code=exc.status_code, headers=exc.headers
         )
 
+    async def disconnected(request: Request, exc: ClientDisconnect) -> Response:
+        # The client went away mid-body: the server's protocol logs that once (serving.server); the answer
+        # goes nowhere, its status (499, nginx's "client closed request") only to /metrics.
+        return Response(status_code=499)
+
     async def crash(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(
@@ -135,6 +188,7 @@ def install_error_handlers(app: fastapi.FastAPI) -> None:
 
     app.add_exception_handler(RequestValidationError, validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ClientDisconnect, disconnected)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, crash)
 
 
@@ -183,7 +237,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         413: "body too large",
         415: "wrong Content-Type or image format",
         422: "valid body the model cannot take",
-        503: "no model for this request",
+        503: "no model for this request, or busy (Retry-After)",
     }
     schema = {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}
     return {
