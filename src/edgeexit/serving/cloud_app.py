@@ -17,7 +17,8 @@ Endpoints (every error is a JSON body {"detail": "..."}, one line saying what wa
 Status codes: 400 malformed payload or undecodable image, 401 missing bearer token (when one is configured;
 /healthz stays open), 409 model hash mismatch, 413 body too large (refused from Content-Length before
 reading, or as soon as a chunked body passes the limit), 415 wrong Content-Type or image format, 422 a
-well-formed payload this model cannot take (k, shape, dtype, batch size, NaN/Inf), 500 the forward pass of
+well-formed payload this model cannot take (k, shape, dtype, batch size, NaN/Inf) or an image's aspect ratio
+(serving.images lists the image caps), 500 the forward pass of
 this request's batch failed (the detail names the request id; the server goes on serving), 503 no
 conventional DNN, or more than --max-concurrency requests in progress (with Retry-After).
 
@@ -63,7 +64,7 @@ from edgeexit.serving.http import (
     read_body,
     resolve_token,
 )
-from edgeexit.serving.images import IMAGE_TYPES, ImageRejected, decode_image
+from edgeexit.serving.images import IMAGE_TYPES, ImageRejected, image_to_uint8
 from edgeexit.serving.limits import (
     DEFAULT_IDLE_TIMEOUT_S,
     DEFAULT_MAX_CONCURRENCY,
@@ -223,7 +224,7 @@ def create_cloud_app(
         "/v1/classify",
         response_model=Answer,
         openapi_extra=binary_body(*IMAGE_TYPES),
-        responses=error_responses(400, 401, 413, 415, 500, 503),
+        responses=error_responses(400, 401, 413, 415, 422, 500, 503),
     )
     async def classify(request: Request) -> Response:
         """Classify a PNG or JPEG image with the conventional DNN (the paper's cloud-only baseline)."""
@@ -237,7 +238,7 @@ def create_cloud_app(
         conv_spec = m.conv_spec
         t0 = time.perf_counter()
         try:
-            x = await run_in_threadpool(lambda: conv_spec.preprocessing.to_uint8(decode_image(body)))
+            x = await run_in_threadpool(image_to_uint8, body, conv_spec.preprocessing)
         except ImageRejected as exc:
             raise error(exc.status, str(exc)) from None
         decode_ms = (time.perf_counter() - t0) * 1e3

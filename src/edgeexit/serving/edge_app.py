@@ -69,7 +69,7 @@ def create_edge_app(
         "/v1/classify",
         response_model=EdgeAnswer,
         openapi_extra=binary_body(*IMAGE_TYPES),
-        responses=error_responses(400, 401, 413, 415),
+        responses=error_responses(400, 401, 413, 415, 422),
     )
     async def classify(request: Request) -> EdgeAnswer:
         """Classify a PNG or JPEG image at the edge, offloading to the cloud when no exit is confident."""
