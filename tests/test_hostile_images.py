@@ -423,10 +423,11 @@ def _memory_cases() -> list[tuple[str, bytes, int]]:
         ),
         ("zTXt bomb", _ztxt_bomb(60), 413),
         ("JPEG with 7.5 MiB of APP2", _jpeg_with_segments(0xE2, 15 * MIB // 2), 200),
-        ("RGBA PNG and 40 MiB after IEND", rgba + bytes(40 * MIB), 200),
-        # Bodies stop at 48 MiB: serving.http.read_body joins the chunks, so a body of B MiB takes 2B in transit
-        # (a 60 MiB one measured 120-132 MiB); the image path itself stays within the budget.
-        ("48 MiB body: a PNG header and junk", rgba[:100] + bytes(48 * MIB), 200),
+        ("RGBA PNG and 24 MiB after IEND", rgba + bytes(24 * MIB), 200),
+        # Image bodies stop at MAX_IMAGE_BODY (32 MiB), under the server's 64 MiB body limit: serving.http.read_body
+        # joins the chunks, so a body of B MiB takes 2B in transit (a 60 MiB one measured 120-132 MiB).
+        ("31 MiB body: a PNG header and junk", rgba[:100] + bytes(31 * MIB), 200),
+        ("63 MiB body: refused from its Content-Length", rgba[:100] + bytes(63 * MIB), 413),
     ]
 
 

@@ -64,7 +64,7 @@ from edgeexit.serving.http import (
     read_body,
     resolve_token,
 )
-from edgeexit.serving.images import IMAGE_TYPES, ImageRejected, image_to_uint8
+from edgeexit.serving.images import IMAGE_TYPES, MAX_IMAGE_BODY, ImageRejected, image_to_uint8
 from edgeexit.serving.limits import (
     DEFAULT_IDLE_TIMEOUT_S,
     DEFAULT_MAX_CONCURRENCY,
@@ -233,7 +233,7 @@ def create_cloud_app(
                 503, "this cloud server has no conventional DNN (RUN_DIR/conventional); use /v1/offload"
             )
         check_content_type(request, IMAGE_TYPES)
-        body = await read_body(request, max_body_bytes)
+        body = await read_body(request, min(max_body_bytes, MAX_IMAGE_BODY))
         request_id = request.headers.get("x-request-id", "")[:100] or uuid.uuid4().hex
         conv_spec = m.conv_spec
         t0 = time.perf_counter()

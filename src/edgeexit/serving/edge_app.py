@@ -24,7 +24,7 @@ from edgeexit.serving.http import (
     read_body,
     resolve_token,
 )
-from edgeexit.serving.images import IMAGE_TYPES, ImageRejected
+from edgeexit.serving.images import IMAGE_TYPES, MAX_IMAGE_BODY, ImageRejected
 from edgeexit.serving.limits import (
     DEFAULT_IDLE_TIMEOUT_S,
     DEFAULT_MAX_CONCURRENCY,
@@ -74,7 +74,7 @@ def create_edge_app(
     async def classify(request: Request) -> EdgeAnswer:
         """Classify a PNG or JPEG image at the edge, offloading to the cloud when no exit is confident."""
         check_content_type(request, IMAGE_TYPES)
-        body = await read_body(request, max_body_bytes)
+        body = await read_body(request, min(max_body_bytes, MAX_IMAGE_BODY))
         try:
             answer = await run_in_threadpool(runner.classify_image, body)
         except ImageRejected as exc:

@@ -17,9 +17,10 @@ header before any pixel is decoded (status code in brackets):
   first of 1/2, 1/4, 1/8 scale that fits (not below `resize_size`); every other image within the caps above and
   the budget decodes at full size, as it always did, so its pixels do not change.
 
-Measured (tests/test_hostile_images.py, a real cloud process): the costliest accepted images raise its peak RSS by
-at most ~96 MiB over its warmed-up level. The body itself is outside this module: serving.http.read_body joins the
-chunks, so a body of B MiB briefly takes 2B (a 60 MiB one: 120-132 MiB).
+Image bodies are at most `MAX_IMAGE_BODY` bytes (the servers take the smaller of it and --max-body-mb) [413]:
+serving.http.read_body joins the chunks, so a body of B MiB briefly takes 2B, and 32 MiB keeps that well under
+the promise. Measured (tests/test_hostile_images.py, a real cloud process): the costliest accepted images raise its
+peak RSS by at most ~96 MiB over its warmed-up level.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from edgeexit.serving.http import trim_heap
 __all__ = [
     "IMAGE_MEMORY_BUDGET",
     "IMAGE_TYPES",
+    "MAX_IMAGE_BODY",
     "MAX_ASPECT_RATIO",
     "MAX_IMAGE_PIXELS",
     "MAX_IMAGE_SIDE",
@@ -52,6 +54,8 @@ __all__ = [
 ]
 
 IMAGE_TYPES = ("image/png", "image/jpeg")
+# An image body's limit: a 12 Mpx camera JPEG is 3-8 MiB; a bigger body could only hold an image the budget refuses.
+MAX_IMAGE_BODY = 32 << 20
 # 16 Mpx (64 MiB in PIL, which keeps RGB at 4 bytes a pixel): above a 12 Mpx camera frame, far below a bomb.
 MAX_IMAGE_PIXELS = 16 * 1024 * 1024
 # A 50 Mpx phone photo (8160x6120) decodes at 1/2 scale or less.

@@ -20,7 +20,6 @@ The cap on concurrent requests (503 with Retry-After) is an ASGI middleware of t
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 import json
 import logging
@@ -35,6 +34,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from edgeexit.errors import UserError
+from edgeexit.serving.http import trim_heap
 from edgeexit.serving.limits import (
     ACCEPT_LOG_PERIOD_S,
     DEFAULT_IDLE_TIMEOUT_S,
@@ -334,11 +334,7 @@ def release_freed_memory() -> None:
     """Give the heap freed while loading models (temporary weights, the profiling probe) back to the OS.
 
     glibc keeps freed memory for reuse, so a server idles at its loading peak: measured on the cloud server, this
-    returns about 23 MiB. A no-op where the C library has no `malloc_trim` (musl, macOS).
+    returns about 23 MiB.
     """
     gc.collect()
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return
-    trim(0)
+    trim_heap()
