@@ -113,17 +113,6 @@ class CostModel:
 
     # --- derived quantities the planner and the capacity model use -------------------------------------
 
-    def edge_ms(self, strategy: str, k: int, stages: int) -> float:
-        """Mean edge time of an answer after `stages` stages (decode, stages and decisions, the runner)."""
-        decide = self.decide_ms.get(strategy, self.decide_ms.get("ee"))
-        assert decide is not None
-        return (
-            float(kept(self.decode_ms).mean())
-            + sum(float(kept(self.stage_ms[i]).mean()) for i in range(stages))
-            + sum(decide[k - 1][:stages])
-            + self.runner_ms
-        )
-
     def batch_ms(self, k: int, rows: int) -> float:
         """Forward time of `cloud_part(k)` on `rows` rows, interpolated linearly between measured sizes
         (k = 0: the conventional DNN)."""
@@ -262,7 +251,7 @@ def fit_cost_model(
 
     `images` test images (at distortion level 0) are each timed `repeats` times through the edge pieces; a
     cloud server (`edgeexit serve-cloud`, a subprocess, as in the online run) is started on loopback for the
-    round trips. Takes about 10 s at 32 px (half of it the server's start).
+    round trips. Takes about 15 s at 32 px (a third of it the server's start).
     """
     from edgeexit.data.distortions import distort
     from edgeexit.data.preprocess import load_uint8

@@ -79,7 +79,8 @@ def validate_plan(run_dir: Path, cfg: RunConfig, *, threads: int = 1, refit: boo
     online = _online_records(run)
     exp = cfg.experiment
     rows = []
-    for (level, strategy, alpha, k), got in online.groupby(["level", "strategy", "alpha", "k"], dropna=False):
+    keys = ["level", "strategy", "alpha", "k"]
+    for (level, strategy, alpha, k), got in online.groupby(keys, dropna=False) if len(online) else []:
         off = records[(records["distortion"] == exp.distortion) & (records["level"] == level)]
         off = off[off["strategy"] == strategy]
         if strategy == CONVENTIONAL:  # one set of cloud-only rows, repeated for every (alpha, k) offline
