@@ -214,14 +214,16 @@ def test_load_is_monotone_in_edges_and_overload_is_flagged(run: Path) -> None:
     assert util == sorted(util) and util[1] == pytest.approx(10 * util[0])
     stable = [x for x in loads if x.stable]
     p95 = [x.offload_p95_ms for x in stable]
-    assert p95 == sorted(p95) and stable[0].offload_p95_ms == pytest.approx(20.0, abs=1.0)
+    # non-decreasing, up to the draws' noise (each load is its own simulation)
+    assert all(b >= a - 0.1 for a, b in zip(p95, p95[1:], strict=False)), p95
+    assert stable[0].offload_p95_ms == pytest.approx(20.0, abs=1.0), p95
     capacity = ServerModel.of(model, 3).capacity_per_s()
     over = predict_load(cand, model, edges=math.ceil(2.5 * capacity / 10 / 0.5), rate=10)
     assert not over.stable and over.utilisation > 1 and math.isinf(over.latency_p95_ms)
     # edges per replica: more with a looser target, unbounded when nothing is offloaded
     n_tight = edges_per_replica(cand, model, rate=10, max_latency_ms=20.5, percentile="p95")
     n_loose = edges_per_replica(cand, model, rate=10, max_latency_ms=60.0, percentile="p95")
-    assert 1 <= n_tight <= n_loose
+    assert 1 <= n_tight <= n_loose, (n_tight, n_loose, model.front_ms)
     assert predict_load(cand, model, edges=n_loose, rate=10).stable
     assert edges_per_replica(_cand(1.0), model, rate=10, max_latency_ms=10, percentile="p95") is None
 
