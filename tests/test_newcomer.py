@@ -216,4 +216,4 @@ def test_reproduce_estimate_from_the_first_ee_epoch(tmp_path: Path, caplog: pyte
         log_estimate(run, cfg, "calibrate", 75.0)
     (line,) = _messages(caplog, "edgeexit.experiment.pipeline", logging.INFO)
     assert line.startswith("reproduce: 01:15 elapsed; the stages from calibrate on should take about 02:4")
-    assert "calibrate 00:01" in line and "online not estimated" in line
+    assert "calibrate 00:01" in line and "online, plan not estimated" in line

@@ -43,7 +43,15 @@ def test_quick_reproduce_writes_report_figures_and_consistent_records(quick_run:
     from test_report import empty_columns, parse_report
 
     stages = json.loads((quick_run / "stages.json").read_text())
-    assert set(stages) == {"train_ee", "train_conventional", "calibrate", "evaluate", "ablation", "online"}
+    assert set(stages) == {
+        "train_ee",
+        "train_conventional",
+        "calibrate",
+        "evaluate",
+        "ablation",
+        "online",
+        "plan",
+    }
     for name in (
         "fig3_accuracy",
         "fig4_early_exit",
@@ -54,6 +62,8 @@ def test_quick_reproduce_writes_report_figures_and_consistent_records(quick_run:
         "fig7_deadlines",
         "robustness_exits",
         "robustness_confidently_wrong",
+        "plan_pareto",
+        "plan_validation",
     ):
         assert (quick_run / "figures" / f"{name}.png").stat().st_size > 10_000
     html = (quick_run / "report.html").read_text()
@@ -89,6 +99,15 @@ def test_quick_reproduce_writes_report_figures_and_consistent_records(quick_run:
     )
     for name in ("exit_accuracy", "confidently_wrong", "ee_errors"):
         assert (quick_run / "robustness" / f"{name}.csv").is_file()
+    # the planner's predictions against the online times, for every configuration and level the online run timed
+    plan = pd.read_csv(quick_run / "plan" / "validation.csv")
+    assert len(plan) == 4 * (3 * 2 + 1)
+    assert (
+        (plan[["predicted_mean_ms", "measured_mean_ms", "predicted_p95_ms", "measured_p95_ms"]] > 0)
+        .all()
+        .all()
+    )
+    assert "Planning: predicted against measured latency" in parsed.h2 and "mean latency is within 15%" in md
     link = json.loads((quick_run / "link.json").read_text())
     assert link["emulated"] and abs(link["measured"]["rtt_ms_min"] - 11.91) / 11.91 < 0.5
 

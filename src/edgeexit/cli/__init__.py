@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from edgeexit.cli import export, runs, serve
+from edgeexit.cli import export, plan, runs, serve
 from edgeexit.cli.common import COMMANDS, command
 from edgeexit.errors import EdgeExitError
 
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve.add_classify,
         serve.add_link,
         serve.add_probe_link,
+        plan.add_plan,
     ):
         add(sub)
     return parser

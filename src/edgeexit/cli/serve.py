@@ -9,6 +9,7 @@ from pathlib import Path
 from edgeexit.cli.common import add_choice, add_runtime_flag, add_threads_flag, command, probability
 from edgeexit.config import LinkConfig
 from edgeexit.serving.batcher import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS
+from edgeexit.serving.limits import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_CONCURRENCY
 from edgeexit.threads import SERVER_THREADS
 
 # The default backend of the servers and the edge runner is the one that measured fastest for them
@@ -23,6 +24,32 @@ def _add_serving_runtime(p: argparse.ArgumentParser) -> None:
         help=f"model runtime (default: {SERVING_RUNTIME}; a run never exported is exported first)",
     )
     add_threads_flag(p, default=SERVER_THREADS)
+
+
+def _add_limit_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=DEFAULT_MAX_CONCURRENCY,
+        metavar="N",
+        help=f"requests in progress at once (per worker); more are answered 503 with Retry-After (default: "
+        f"{DEFAULT_MAX_CONCURRENCY}; /healthz and /metrics are always answered)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=DEFAULT_IDLE_TIMEOUT_S,
+        metavar="S",
+        help=f"close a connection that has sent no complete request head S seconds after it opened or after "
+        f"its last answer (default: {DEFAULT_IDLE_TIMEOUT_S:g})",
+    )
+
+
+def _check_limits(args: argparse.Namespace) -> None:
+    from edgeexit.serving.limits import check_idle_timeout, check_max_concurrency
+
+    check_max_concurrency(args.max_concurrency)
+    check_idle_timeout(args.idle_timeout)
 
 
 def _prepare_runtime(run_dir: str, runtime: str, host: str | None = None, port: int | None = None) -> None:
@@ -51,6 +78,7 @@ def run_serve_cloud(args: argparse.Namespace) -> None:
 
     check_threads(args.threads)
     check_batching(args.max_batch, args.max_wait_ms)
+    _check_limits(args)
     _prepare_runtime(args.run_dir, args.runtime, args.host, args.port)
     serve_cloud(
         Path(args.run_dir),
@@ -63,6 +91,8 @@ def run_serve_cloud(args: argparse.Namespace) -> None:
         max_wait_ms=args.max_wait_ms,
         runtime=args.runtime,
         threads=args.threads,
+        max_concurrency=args.max_concurrency,
+        idle_timeout=args.idle_timeout,
     )
 
 
@@ -92,6 +122,7 @@ def add_serve_cloud(sub: argparse._SubParsersAction) -> None:
         help="longest a request waits for others to join its batch, in ms (default: adaptive, no wait for a "
         "lone client; 0: never wait); see edgeexit.serving.batcher",
     )
+    _add_limit_flags(p)
     _add_serving_runtime(p)
 
 
@@ -168,6 +199,7 @@ def run_serve_edge(args: argparse.Namespace) -> None:
     from edgeexit.threads import check_threads
 
     check_threads(args.threads)
+    _check_limits(args)
     _prepare_runtime(args.run_dir, args.runtime, args.host, args.port)
     serve_edge(
         Path(args.run_dir),
@@ -182,6 +214,8 @@ def run_serve_edge(args: argparse.Namespace) -> None:
         cloud_token=args.cloud_token,
         runtime=args.runtime,
         threads=args.threads,
+        max_concurrency=args.max_concurrency,
+        idle_timeout=args.idle_timeout,
         **_offload_kwargs(args),
     )
 
@@ -194,6 +228,7 @@ def add_serve_edge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--token", default=None, help="require this bearer token from clients")
+    _add_limit_flags(p)
     _add_offload_flags(p)
     _add_serving_runtime(p)
 

@@ -26,6 +26,20 @@ def _check_stats(name: str, values: Any) -> tuple[float, float, float]:
     return t  # type: ignore[return-value]
 
 
+# Above this many pixels the resized image is not made whole: `to_uint8` resizes only the box it keeps. Images
+# of normal proportions stay far below it (256 px short side: 16:1), so their pixels are exactly torchvision's.
+BOX_RESIZE_ABOVE = 1 << 20
+
+
+def resize_shape(w: int, h: int, resize_size: int) -> tuple[int, int, bool]:
+    """(width, height) of a w x h image resized to a shorter side of `resize_size`, and whether that is over
+    BOX_RESIZE_ABOVE pixels (`Preprocessing.to_uint8` then resizes only the box it crops)."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = resize_size, int(resize_size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    return new_w, new_h, new_w * new_h > BOX_RESIZE_ABOVE
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How an image becomes model input: resize shorter side, centre crop, then normalise with mean/std."""
@@ -66,20 +80,27 @@ class Preprocessing:
 
     def to_uint8(self, img: Image.Image) -> torch.Tensor:
         """uint8 [3, input_size, input_size]; an image already at input_size x input_size is taken as is."""
-        img = img.convert("RGB")
+        if img.mode != "RGB":  # an RGB image is used as is: convert would only copy it
+            img = img.convert("RGB")
         s = self.input_size
         if img.size != (s, s):
             # Same arithmetic as torchvision's Resize(resize_size) + CenterCrop(input_size) on PIL images;
             # PIL's bilinear resize antialiases when it shrinks.
             w, h = img.size
-            short, long = (w, h) if w <= h else (h, w)
-            new_short, new_long = self.resize_size, int(self.resize_size * long / short)
-            new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-            if (new_w, new_h) != (w, h):
-                img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+            new_w, new_h, boxed = resize_shape(w, h, self.resize_size)
             top = int(round((new_h - s) / 2.0))
             left = int(round((new_w - s) / 2.0))
-            img = img.crop((left, top, left + s, top + s))
+            if boxed:
+                # Resize only the source box that lands in the crop: memory no longer grows with the aspect
+                # ratio (a 200000x1 image would otherwise become 7.2 Mpx before the crop). The pixels can differ
+                # from the full resize's by rounding; only images far beyond normal proportions come here.
+                sx, sy = w / new_w, h / new_h
+                box = (left * sx, top * sy, min((left + s) * sx, w), min((top + s) * sy, h))
+                img = img.resize((s, s), Image.Resampling.BILINEAR, box=box)
+            else:
+                if (new_w, new_h) != (w, h):
+                    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+                img = img.crop((left, top, left + s, top + s))
         arr = np.asarray(img, dtype=np.uint8)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 

@@ -56,7 +56,8 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-STAGE_NAMES = ("train_ee", "train_conventional", "calibrate", "evaluate", "ablation", "online")
+STAGE_NAMES = ("train_ee", "train_conventional", "calibrate", "evaluate", "ablation", "online", "plan")
+PLAN_VERSION = "plan-v1"  # bump when the cost model or the planner's prediction changes
 ABLATION_DIR = (
     "ablation_blur"  # RUN_DIR/ablation_blur: the EE-DNN trained with blur augmentation, its own run
 )
@@ -249,6 +250,8 @@ def reproduce(
             stale.unlink()
     atomic_write_bytes(key_file, online_key.encode())
     stages.run("online", online_key, lambda: _online(run, cfg))
+    # the planner's predictions against what the online stage measured (edgeexit.plan.validate)
+    stages.run("plan", _key(online_key, PLAN_VERSION), lambda: _plan(run, cfg))
 
     online_summary, deadlines = _online_tables(run)
     return _report(run, cfg, offline, online_summary, deadlines, stages)
@@ -328,6 +331,51 @@ def _online_run(run: RunDir, cfg: RunConfig) -> None:
         else:
             _write_link(run, cfg, probe_link(url), emulated=False)
             run_online(run.root, cfg, url, runtime=cfg.runtime.backend)
+
+
+def _plan(run: RunDir, cfg: RunConfig) -> None:
+    """Fit the cost model (one server thread, like the online run) and compare the planner's predictions with
+    the online measurements: RUN_DIR/plan/validation.csv and two figures."""
+    from edgeexit.plan.validate import validate_plan
+
+    with threads_for(SERVER_THREADS):
+        validate_plan(run.root, cfg, threads=SERVER_THREADS)
+
+
+def _plan_section(run: RunDir) -> Section | None:
+    """The report's section on the planner: predicted against measured latency, the Pareto figure."""
+    from edgeexit.plan.validate import VALIDATION_CSV, report_table, validation_summary
+
+    path = run.root / "plan" / VALIDATION_CSV
+    if not path.is_file():
+        return None
+    table = pd.read_csv(path)
+    figs = [
+        (
+            "Accuracy against the planner's predicted mean latency for every configuration of the offline sweep "
+            "(strategy, α, k, wire precision) at the lightest, a middle and the heaviest level, over the link "
+            "the online run measured; black: the Pareto front; star: `edgeexit plan`'s choice for a mean "
+            "latency of at most half the cloud-only DNN's.",
+            run.figures / "plan_pareto.png",
+        ),
+        (
+            "Predicted against measured latency (mean, p95) of every configuration the online run timed, at "
+            "every level; grey: the targets (mean ±15%, p95 ±25%).",
+            run.figures / "plan_validation.png",
+        ),
+    ]
+    return Section(
+        "Planning: predicted against measured latency",
+        [
+            validation_summary(table),
+            "The cost model is measured on this machine right after the online run (`RUN_DIR/plan`, runtime "
+            "and threads of the online run): edge time per stage and head, cloud time per split point and batch "
+            "size, payload bytes per precision, the loopback HTTP round trip; the link is the one the online "
+            "run measured. All levels: `plan/validation.csv`.",
+        ],
+        [("Predicted / measured latency (ms) at three levels", report_table(table))],
+        [(c, p) for c, p in figs if p.is_file()],
+    )
 
 
 def _write_link(run: RunDir, cfg: RunConfig, measurement: Any, emulated: bool) -> None:
@@ -725,6 +773,9 @@ def _report(
                 ],
             )
         )
+    plan = _plan_section(run)
+    if plan is not None:
+        sections.append(plan)
     sections.append(
         Section(
             "Stage timings",

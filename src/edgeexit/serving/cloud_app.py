@@ -10,15 +10,17 @@ Endpoints (every error is a JSON body {"detail": "..."}, one line saying what wa
   answered it, this request's and others'.
 - ``POST /v1/classify`` (image/png or image/jpeg): the conventional DNN decodes, preprocesses (its spec's
   Preprocessing) and classifies the image; same answer shape with k = 0 (503 if the run has no conventional DNN).
-- ``GET /healthz``, ``GET /v1/model`` (specs, hashes, accepted k, split shapes, precisions) and the link-probe
+- ``GET /healthz``, ``GET /v1/model`` (specs, hashes, accepted k, split shapes, precisions), ``GET /metrics``
+  (Prometheus; serving.metrics, with the rows per forward as edgeexit_cloud_batch_rows) and the link-probe
   routes of `probe.probe_router`.
 
 Status codes: 400 malformed payload or undecodable image, 401 missing bearer token (when one is configured;
 /healthz stays open), 409 model hash mismatch, 413 body too large (refused from Content-Length before
 reading, or as soon as a chunked body passes the limit), 415 wrong Content-Type or image format, 422 a
-well-formed payload this model cannot take (k, shape, dtype, batch size, NaN/Inf), 500 the forward pass of
+well-formed payload this model cannot take (k, shape, dtype, batch size, NaN/Inf) or an image's aspect ratio
+(serving.images lists the image caps), 500 the forward pass of
 this request's batch failed (the detail names the request id; the server goes on serving), 503 no
-conventional DNN.
+conventional DNN, or more than --max-concurrency requests in progress (with Retry-After).
 
 Concurrent requests are answered from shared forward passes (`serving.batcher`): offloads with the same k
 together, classifications together, up to --max-batch rows; each answer says how many rows its batch had.
@@ -37,7 +39,6 @@ from typing import Any
 
 import fastapi
 import torch
-import uvicorn
 from fastapi import Request, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
@@ -63,9 +64,22 @@ from edgeexit.serving.http import (
     read_body,
     resolve_token,
 )
-from edgeexit.serving.images import IMAGE_TYPES, ImageRejected, decode_image
+from edgeexit.serving.images import IMAGE_TYPES, MAX_IMAGE_BODY, ImageRejected, image_to_uint8
+from edgeexit.serving.limits import (
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_CONCURRENCY,
+    check_idle_timeout,
+    check_max_concurrency,
+)
+from edgeexit.serving.metrics import BATCH_BUCKETS
 from edgeexit.serving.probe import probe_router
-from edgeexit.serving.server import ServerHandle, check_port_free, start_server, uvicorn_options
+from edgeexit.serving.server import (
+    ServerHandle,
+    check_port_free,
+    prepare_process,
+    run_server,
+    start_server,
+)
 from edgeexit.threads import SERVER_THREADS, check_threads, set_threads
 
 __all__ = ["create_cloud_app", "serve_cloud", "start_cloud", "app_from_env", "DEFAULT_MAX_BODY"]
@@ -79,6 +93,7 @@ _ENV_MAX_BATCH = "EDGEEXIT_CLOUD_MAX_BATCH"
 _ENV_MAX_WAIT = "EDGEEXIT_CLOUD_MAX_WAIT_MS"
 _ENV_RUNTIME = "EDGEEXIT_CLOUD_RUNTIME"
 _ENV_THREADS = "EDGEEXIT_CLOUD_THREADS"
+_ENV_MAX_CONCURRENCY = "EDGEEXIT_CLOUD_MAX_CONCURRENCY"
 
 
 class Answer(BaseModel):
@@ -130,20 +145,27 @@ def create_cloud_app(
     max_wait_ms: float | None = DEFAULT_MAX_WAIT_MS,
     models: CloudRunner | None = None,
     runtime: str = "torch",
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
 ) -> fastapi.FastAPI:
     """The cloud ASGI app for RUN_DIR (models loaded once, here, in `runtime`); `token` None falls back to
     $EDGEEXIT_TOKEN.
 
     Concurrent requests are batched (serving.batcher): up to `max_batch` rows per forward, a batch held up to
     `max_wait_ms` for more (None: adaptively, see serving.batcher). `models` lets several apps share already
-    loaded models (the run directory is then not read).
+    loaded models (the run directory is then not read). Beyond `max_concurrency` requests in progress: 503.
     """
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise UserError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
     check_batching(max_batch, max_wait_ms)
     m = models if models is not None else CloudRunner.load(Path(run_dir), runtime)
     token = resolve_token(token)
-    app, api = new_app("edgeexit cloud server", __doc__, token)
+    app, api = new_app("edgeexit cloud server", __doc__, token, max_concurrency=max_concurrency)
+    batch_rows = app.state.metrics.histogram(
+        "edgeexit_cloud_batch_rows",
+        "rows per forward pass, by kind (offload, classify)",
+        ["kind"],
+        BATCH_BUCKETS,
+    )
 
     def run_batch(key: Hashable, items: list[torch.Tensor]) -> list[tuple[Any, float, int]]:
         """One forward for a batch of requests: per request (its result, the batch's ms, the batch's rows)."""
@@ -154,6 +176,7 @@ def create_cloud_app(
         else:
             results, rows = m.classify_many(items), len(items)
         ms = (time.perf_counter() - t0) * 1e3
+        batch_rows.labels(key[0]).observe(rows)  # type: ignore[index]
         return [(r, ms, rows) for r in results]
 
     batcher: Batcher[torch.Tensor, tuple[Any, float, int]] = Batcher(
@@ -201,7 +224,7 @@ def create_cloud_app(
         "/v1/classify",
         response_model=Answer,
         openapi_extra=binary_body(*IMAGE_TYPES),
-        responses=error_responses(400, 401, 413, 415, 500, 503),
+        responses=error_responses(400, 401, 413, 415, 422, 500, 503),
     )
     async def classify(request: Request) -> Response:
         """Classify a PNG or JPEG image with the conventional DNN (the paper's cloud-only baseline)."""
@@ -210,12 +233,12 @@ def create_cloud_app(
                 503, "this cloud server has no conventional DNN (RUN_DIR/conventional); use /v1/offload"
             )
         check_content_type(request, IMAGE_TYPES)
-        body = await read_body(request, max_body_bytes)
+        body = await read_body(request, min(max_body_bytes, MAX_IMAGE_BODY))
         request_id = request.headers.get("x-request-id", "")[:100] or uuid.uuid4().hex
         conv_spec = m.conv_spec
         t0 = time.perf_counter()
         try:
-            x = await run_in_threadpool(lambda: conv_spec.preprocessing.to_uint8(decode_image(body)))
+            x = await run_in_threadpool(image_to_uint8, body, conv_spec.preprocessing)
         except ImageRejected as exc:
             raise error(exc.status, str(exc)) from None
         decode_ms = (time.perf_counter() - t0) * 1e3
@@ -249,6 +272,7 @@ def app_from_env() -> fastapi.FastAPI:
     run_dir = os.environ.get(_ENV_RUN_DIR)
     if not run_dir:
         raise UserError(f"set {_ENV_RUN_DIR} to the run directory (serve_cloud does this)")
+    prepare_process()  # in each worker: the parent's rate limit on accept errors is not inherited
     set_threads(int(os.environ.get(_ENV_THREADS, SERVER_THREADS)))
     return create_cloud_app(
         Path(run_dir),
@@ -256,6 +280,7 @@ def app_from_env() -> fastapi.FastAPI:
         max_batch=int(os.environ.get(_ENV_MAX_BATCH, DEFAULT_MAX_BATCH)),
         max_wait_ms=float(os.environ[_ENV_MAX_WAIT]) if os.environ.get(_ENV_MAX_WAIT) else None,
         runtime=os.environ.get(_ENV_RUNTIME, "torch"),
+        max_concurrency=int(os.environ.get(_ENV_MAX_CONCURRENCY, DEFAULT_MAX_CONCURRENCY)),
     )
 
 
@@ -286,15 +311,19 @@ def serve_cloud(
     max_wait_ms: float | None = DEFAULT_MAX_WAIT_MS,
     runtime: str = "torch",
     threads: int = SERVER_THREADS,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
 ) -> None:
     """Run the cloud server with uvicorn until interrupted; workers > 1 starts that many processes, each with
-    `threads` intra-op threads."""
+    `threads` intra-op threads and its own `max_concurrency`; connections idle for `idle_timeout` s are closed."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise UserError(f"workers must be an integer >= 1, got {workers!r}")
     if not 0 <= port <= 65535:
         raise UserError(f"port must be in 0..65535, got {port}")
     check_threads(threads)
     check_batching(max_batch, max_wait_ms)
+    check_max_concurrency(max_concurrency)
+    check_idle_timeout(idle_timeout)
     check_port_free(host, port)
     run_dir = Path(run_dir)
     if workers == 1:
@@ -306,8 +335,9 @@ def serve_cloud(
             max_batch=max_batch,
             max_wait_ms=max_wait_ms,
             runtime=runtime,
+            max_concurrency=max_concurrency,
         )
-        uvicorn.run(app, host=host, port=port, **uvicorn_options())
+        run_server(app, host=host, port=port, idle_timeout=idle_timeout)
         return
     load_spec(RunDir(run_dir).ee)  # fail here, once, rather than in every worker
     # Workers are separate processes that import the app: they read the settings from the environment.
@@ -317,13 +347,14 @@ def serve_cloud(
     os.environ[_ENV_MAX_WAIT] = "" if max_wait_ms is None else str(max_wait_ms)
     os.environ[_ENV_RUNTIME] = runtime
     os.environ[_ENV_THREADS] = str(threads)
+    os.environ[_ENV_MAX_CONCURRENCY] = str(max_concurrency)
     if token is not None:
         os.environ["EDGEEXIT_TOKEN"] = token
-    uvicorn.run(
+    run_server(
         "edgeexit.serving.cloud_app:app_from_env",
         factory=True,
         host=host,
         port=port,
         workers=workers,
-        **uvicorn_options(),
+        idle_timeout=idle_timeout,
     )

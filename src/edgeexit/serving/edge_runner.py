@@ -47,7 +47,13 @@ from edgeexit.serving.client import (
     Expect,
     OffloadFailed,
 )
-from edgeexit.serving.images import ImageRejected, decode_image, png_bytes, sniff_image_type
+from edgeexit.serving.images import (
+    ImageRejected,
+    decode_image,
+    image_to_uint8,
+    png_bytes,
+    sniff_image_type,
+)
 from edgeexit.serving.server import release_freed_memory
 
 __all__ = [
@@ -220,7 +226,7 @@ class Runner(ABC):
             )
 
     def _to_uint8(self, data: bytes) -> torch.Tensor:
-        return self.prep.to_uint8(decode_image(data))
+        return image_to_uint8(data, self.prep)
 
     def _run_edge(
         self, x: torch.Tensor, policy: Policy
@@ -408,6 +414,9 @@ class ConventionalRunner(Runner):
         t0 = time.perf_counter()
         content_type = sniff_image_type(data)
         if content_type is None:
+            decode_image(
+                data
+            )  # raises the EdgeRunner's and the cloud's answer: 400 empty, 415 naming the format
             raise ImageRejected(415, "image bytes are neither PNG nor JPEG; expected PNG or JPEG")
         return self._classify(data, content_type, None, t0)
 
