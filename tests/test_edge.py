@@ -178,19 +178,29 @@ def test_model_hash_mismatch_is_409_and_ends_as_offload_failed(env: Env) -> None
 
 
 class Flaky:
-    """A stand-in cloud that answers 503 (or another status) to the first `failures` requests, then a fixed answer."""
+    """A stand-in cloud that answers 503 (or another status) to the first `failures` requests, then a fixed answer
+    (label 7, naming the run's models and echoing the request id, as the real cloud does)."""
 
-    def __init__(self, failures: int, status: int = 503) -> None:
+    def __init__(self, failures: int, status: int = 503, hashes: tuple[str, str] = ("", "")) -> None:
         self.failures, self.status, self.hits = failures, status, 0
         self.app = fastapi.FastAPI()
 
         @self.app.post("/v1/offload")
         @self.app.post("/v1/classify")
-        async def answer() -> fastapi.responses.JSONResponse:
+        async def answer(request: fastapi.Request) -> fastapi.responses.JSONResponse:
             self.hits += 1
             if self.hits <= self.failures:
                 return fastapi.responses.JSONResponse({"detail": f"flaky failure {self.hits}"}, self.status)
-            body = {"label": 7, "class_name": "7", "confidence": 0.75, "server_ms": 1.0, "request_id": "x"}
+            offload = request.url.path == "/v1/offload"
+            body = {
+                "label": 7,
+                "class_name": "7",
+                "confidence": 0.75,
+                "server_ms": 1.0,
+                "request_id": request.headers["x-request-id"],
+                "model_hash": hashes[0] if offload else hashes[1],
+                "k": 3 if offload else 0,
+            }
             return fastapi.responses.JSONResponse(body)
 
 
@@ -208,7 +218,8 @@ class Flaky:
 def test_retries_against_a_flaky_cloud(
     env: Env, failures: int, status: int, hits: int, outcome: str, detail: str | None
 ) -> None:
-    flaky = Flaky(failures, status)
+    hashes = (env.spec.content_hash, env.base.runtime.conventional_spec.content_hash)
+    flaky = Flaky(failures, status, hashes)
     with start_server(flaky.app) as srv:
         for strategy in ("ee", "conventional"):
             flaky.hits = 0
@@ -298,7 +309,7 @@ def test_edge_server_keeps_serving_when_the_cloud_is_down(env: Env, dead_url: st
             body = r.json()
             assert body["outcome"] == "offload_failed" and body["answered_at"] == "edge"
             assert "Connection refused" in body["detail"]
-        assert c.get("/healthz").json() == {"status": "ok"}
+        assert c.get("/healthz").json() == {"status": "ok", "breaker": "closed"}  # 3 failures: under 5
 
 
 def test_edge_server_answers_like_the_runner(env: Env) -> None:

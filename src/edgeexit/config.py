@@ -220,6 +220,18 @@ class LinkConfig(_Model):
     rtt_ms: Annotated[Real, Field(ge=0)] = 11.91
     bandwidth_mbit: Annotated[Real, Field(gt=0)] = 93.9
     cloud_url: StrictStr | None = None  # a real remote cloud server instead of a local one
+    # How the edge uses the link, here rather than in [experiment] because serve-edge and classify take the same
+    # settings (--offload-deadline-ms, --breaker-failures, --breaker-cooldown-s) and they belong to the link and
+    # the cloud behind it, not to what the experiment measures. One offload's whole time (connecting, retries,
+    # backoff, reading): 5000 ms, 3.7x the slowest offload seen in the online runs on a loaded 2-core machine
+    # and 50-100x a real one at 224 px over the paper's link (serving.client.DEFAULT_DEADLINE says how).
+    offload_deadline_ms: Annotated[Real, Field(gt=0)] = 5000.0
+    breaker_failures: NonNegative = (
+        5  # consecutive failed offloads that open the circuit breaker; 0: no breaker
+    )
+    breaker_cooldown_s: Annotated[Real, Field(gt=0)] = (
+        10.0  # the open breaker's wait before one probe offload
+    )
 
 
 class RuntimeConfig(_Model):

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from edgeexit.cli.common import add_choice, add_runtime_flag, add_threads_flag, command, probability
+from edgeexit.config import LinkConfig
 from edgeexit.serving.batcher import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS
 from edgeexit.serving.limits import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_CONCURRENCY
 from edgeexit.threads import SERVER_THREADS
@@ -135,6 +136,63 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cloud-token", default=None, help="bearer token for the cloud server")
 
 
+def _positive(text: str) -> float:
+    """argparse type of a duration: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    """argparse type of a count: an integer >= 0."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
+def _add_offload_flags(p: argparse.ArgumentParser) -> None:
+    """The edge's guards against a slow or failing cloud; defaults: the [link] section's (edgeexit.config)."""
+    link = LinkConfig.model_fields
+    deadline = link["offload_deadline_ms"].default
+    failures = link["breaker_failures"].default
+    cooldown = link["breaker_cooldown_s"].default
+    p.add_argument(
+        "--offload-deadline-ms",
+        type=_positive,
+        default=deadline,
+        metavar="T",
+        help=f"one offload's whole time, connecting, retries and reading included; past it the edge answers "
+        f"from its most confident exit (default: {deadline:g})",
+    )
+    p.add_argument(
+        "--breaker-failures",
+        type=_count,
+        default=failures,
+        metavar="N",
+        help=f"consecutive failed offloads after which the edge stops offloading for a cool-down (default: "
+        f"{failures}; 0: never)",
+    )
+    p.add_argument(
+        "--breaker-cooldown-s",
+        type=_positive,
+        default=cooldown,
+        metavar="S",
+        help=f"seconds the edge answers without the cloud before one probe offload (default: {cooldown:g})",
+    )
+
+
+def _offload_kwargs(args: argparse.Namespace) -> dict[str, float | int]:
+    return {
+        "deadline": args.offload_deadline_ms / 1e3,
+        "breaker_failures": args.breaker_failures,
+        "breaker_cooldown": args.breaker_cooldown_s,
+    }
+
+
 @command("serve-edge")
 def run_serve_edge(args: argparse.Namespace) -> None:
     from edgeexit.serving.edge_app import serve_edge
@@ -158,6 +216,7 @@ def run_serve_edge(args: argparse.Namespace) -> None:
         threads=args.threads,
         max_concurrency=args.max_concurrency,
         idle_timeout=args.idle_timeout,
+        **_offload_kwargs(args),
     )
 
 
@@ -170,6 +229,7 @@ def add_serve_edge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--token", default=None, help="require this bearer token from clients")
     _add_limit_flags(p)
+    _add_offload_flags(p)
     _add_serving_runtime(p)
 
 
@@ -189,6 +249,7 @@ def run_classify(args: argparse.Namespace) -> None:
         precision=args.precision,
         token=args.cloud_token,
         runtime=args.runtime,
+        **_offload_kwargs(args),
     )
     for path, answer in zip(args.images, classify_files([Path(p) for p in args.images], runner), strict=True):
         if args.json:
@@ -211,6 +272,7 @@ def add_classify(sub: argparse._SubParsersAction) -> None:
     )
     _add_policy_flags(p)
     p.add_argument("--json", action="store_true", help="one JSON object per image")
+    _add_offload_flags(p)
     _add_serving_runtime(p)
 
 

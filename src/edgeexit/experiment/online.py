@@ -87,7 +87,14 @@ def run_online(
     clean = load_uint8(ds, ids, prep)
     labels = ds.labels[ids]
 
-    client = CloudClient(cloud_url, token=token)
+    link = cfg.link
+    client = CloudClient(
+        cloud_url,
+        token=token,
+        deadline=link.offload_deadline_ms / 1e3,
+        breaker_failures=link.breaker_failures,
+        breaker_cooldown=link.breaker_cooldown_s,
+    )
     base = load_runner(
         run.root, strategy="ee", alpha=alphas[0], k=k, client=client, precision=exp.precision, runtime=runtime
     )

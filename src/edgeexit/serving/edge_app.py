@@ -1,7 +1,14 @@
 """The edge server: an HTTP front for one edge runner (serving.edge_runner), which does all the work.
 
 POST /v1/classify (image bytes) -> EdgeAnswer JSON; GET /v1/config; GET /metrics (Prometheus, with the
-answers by outcome as edgeexit_edge_answers_total); GET /healthz (always open).
+answers by outcome as edgeexit_edge_answers_total); GET /healthz (always open):
+{"status": "ok", "breaker": "closed" | "open" | "half_open" | "disabled"}, the cloud client's circuit breaker.
+
+Each classification runs in a worker thread, and one waiting on the cloud holds its thread up to the offload
+deadline. Starlette's `run_in_threadpool` shares anyio's default limiter of 40 threads: with a cloud that never
+answers, image 41 would wait a whole deadline for a thread before its own began. The edge has its own limiter
+with a thread for each request it admits (`max_concurrency`): a thread blocked on a socket costs little memory
+and no CPU.
 """
 
 from __future__ import annotations
@@ -9,11 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import fastapi
 from fastapi import Request
-from starlette.concurrency import run_in_threadpool
 
 from edgeexit.errors import UserError
+from edgeexit.serving.client import DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_FAILURES, DEFAULT_DEADLINE
 from edgeexit.serving.edge_runner import EdgeAnswer, Runner, load_runner
 from edgeexit.serving.http import (
     binary_body,
@@ -50,15 +59,27 @@ def create_edge_app(
 
     `token` (None: $EDGEEXIT_EDGE_TOKEN) is the bearer token the edge's clients must send; the cloud's token is
     the runner's client's business. The edge keeps serving when the cloud is down: answers then carry
-    outcome "offload_failed". Beyond `max_concurrency` requests in progress: 503 with Retry-After.
+    outcome "offload_failed". Beyond `max_concurrency` requests in progress: 503 with Retry-After; each one
+    admitted gets a thread (see the module docstring). With a cloud that never answers, each offloading image
+    holds its thread for the whole deadline: at the default 256 the edge takes 256 such images per deadline, and
+    after `breaker_failures` failures the breaker answers the rest at once.
     """
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise UserError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
     token = resolve_token(token, EDGE_TOKEN_ENV)
-    app, api = new_app("edgeexit edge server", __doc__, token, max_concurrency=max_concurrency)
+    app, api = new_app(
+        "edgeexit edge server",
+        __doc__,
+        token,
+        max_concurrency=max_concurrency,
+        health=lambda: {"breaker": runner.breaker_state()},
+    )
     answers = app.state.metrics.counter(
         "edgeexit_edge_answers", "answers by outcome and where they were answered", ["outcome", "answered_at"]
     )
+    # A thread for every request ConcurrencyLimit admits: none waits for a thread while others wait on the cloud.
+    limiter = anyio.CapacityLimiter(max_concurrency)
+    app.state.limiter = limiter
 
     @api.get("/v1/config", responses=error_responses(401))
     async def config() -> dict[str, Any]:
@@ -76,7 +97,7 @@ def create_edge_app(
         check_content_type(request, IMAGE_TYPES)
         body = await read_body(request, min(max_body_bytes, MAX_IMAGE_BODY))
         try:
-            answer = await run_in_threadpool(runner.classify_image, body)
+            answer = await anyio.to_thread.run_sync(runner.classify_image, body, limiter=limiter)
         except ImageRejected as exc:
             raise error(exc.status, str(exc)) from None
         answers.labels(answer.outcome, answer.answered_at).inc()
@@ -102,9 +123,14 @@ def serve_edge(
     threads: int = SERVER_THREADS,
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
+    deadline: float | None = DEFAULT_DEADLINE,
+    breaker_failures: int = DEFAULT_BREAKER_FAILURES,
+    breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN,
 ) -> None:
     """Run the edge server with uvicorn until interrupted (token: clients' bearer token; cloud_token: the cloud's),
-    computing with `threads` intra-op threads; connection limits as in serving.server."""
+    computing with `threads` intra-op threads; connection limits as in serving.server; each offload gets
+    `deadline` seconds in all, and the circuit breaker opens after `breaker_failures` consecutive failures for
+    `breaker_cooldown` seconds."""
     check_threads(threads)
     check_max_concurrency(max_concurrency)
     check_idle_timeout(idle_timeout)
@@ -119,6 +145,9 @@ def serve_edge(
         precision=precision,
         token=cloud_token,
         runtime=runtime,
+        deadline=deadline,
+        breaker_failures=breaker_failures,
+        breaker_cooldown=breaker_cooldown,
     )
     try:
         app = create_edge_app(runner, token=token, max_concurrency=max_concurrency)

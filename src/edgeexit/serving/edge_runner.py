@@ -5,20 +5,26 @@ the runtime, calibrates (`inference.calibrate`) and asks the policy (`policy.pol
 whether to stop; when no branch up to k is confident it sends the stage-k tensor to the cloud and returns its
 answer. `ConventionalRunner`, the cloud-only model role, sends the image itself to the conventional DNN.
 
-Failures lose nothing: when the cloud is unreachable, times out, answers 5xx after retries or refuses the
-payload, the runner answers from the most confident edge exit so far (ensembles: their own answer after
-branch k) with outcome ``offload_failed`` and ``detail`` saying why; without a cloud, detail is
-"no cloud configured". MACs follow `CostTable.executed_macs`, the offline rule; a fallback costs what the edge
-ran (stages and heads 1..k). `bytes_sent` is the request body the edge sent, 0 when it sent nothing.
+Failures lose nothing: when the cloud is unreachable, misses the offload deadline, answers 5xx after retries,
+refuses the payload, answers something unusable (not JSON, a label outside the model's classes, a confidence
+outside [0, 1], another model's hash, another request's id or k: see serving.client) or the circuit breaker is
+open, the runner answers from the most confident edge exit so far (ensembles: their own answer after branch k)
+with outcome ``offload_failed``, ``reason`` (serving.client.REASONS, or "no_cloud", "encode") and ``detail``
+saying why; without a cloud, detail is "no cloud configured". Each runner counts its offloads by outcome
+(`offload_outcomes`: "ok" or the reason). MACs follow `CostTable.executed_macs`, the offline rule; a fallback
+costs what the edge ran (stages and heads 1..k). `bytes_sent` is the request body the edge sent, 0 when it sent
+nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +38,15 @@ from edgeexit.inference import calibrate
 from edgeexit.policy import CLOUD, CONVENTIONAL, POLICIES, Decision, Policy, policy_for, spec_policy
 from edgeexit.runtime import Runtime, load_runtime
 from edgeexit.serving import wire
-from edgeexit.serving.client import CloudAnswer, CloudClient, OffloadFailed
+from edgeexit.serving.client import (
+    DEFAULT_BREAKER_COOLDOWN,
+    DEFAULT_BREAKER_FAILURES,
+    DEFAULT_DEADLINE,
+    CloudAnswer,
+    CloudClient,
+    Expect,
+    OffloadFailed,
+)
 from edgeexit.serving.images import (
     ImageRejected,
     decode_image,
@@ -55,6 +69,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 NO_CLOUD = "no cloud configured"
+NO_CLOUD_REASON = "no_cloud"
 
 
 class EdgeAnswer(BaseModel):
@@ -71,6 +86,7 @@ class EdgeAnswer(BaseModel):
     outcome: str  # "ok" | "offload_failed"
     request_id: str
     detail: str | None = None  # why the offload failed
+    reason: str | None = None  # the same for machines: serving.client.REASONS, "no_cloud" or "encode"
 
 
 def _ms(t0: float) -> float:
@@ -121,6 +137,9 @@ class Runner(ABC):
         self.client = client
         self.precision = precision
         self._owns_client = False
+        # Offloads by outcome: "ok" or the failure's reason (for metrics; read with `outcome_counts`).
+        self.offload_outcomes: Counter[str] = Counter()
+        self._count_lock = threading.Lock()
         self.k = _check_k(self.spec.num_branches if k is None else k, self.spec.num_branches)
         # Per exit i: the MACs of an answer there, and of an offload, by the offline rule.
         exits = np.array([*range(1, self.k + 1), CLOUD])
@@ -172,6 +191,19 @@ class Runner(ABC):
     def _alpha_out(self) -> float | None:
         return None
 
+    def breaker_state(self) -> str:
+        """The cloud client's circuit breaker: "closed", "open", "half_open", or "disabled" (none, or no cloud)."""
+        return "disabled" if self.client is None else self.client.breaker_state
+
+    def outcome_counts(self) -> dict[str, int]:
+        """A snapshot of `offload_outcomes`: offloads by "ok" or failure reason since the runner was made."""
+        with self._count_lock:
+            return dict(self.offload_outcomes)
+
+    def _count(self, outcome: str) -> None:
+        with self._count_lock:
+            self.offload_outcomes[outcome] += 1
+
     # --- classification ------------------------------------------------------------------------------------
 
     @abstractmethod
@@ -219,6 +251,7 @@ class Runner(ABC):
         t0: float,
         *,
         failed: str | None = None,
+        reason: str | None = None,
         bytes_sent: int = 0,
         macs: int | None = None,
     ) -> EdgeAnswer:
@@ -237,6 +270,7 @@ class Runner(ABC):
             outcome="ok" if failed is None else "offload_failed",
             request_id=request_id,
             detail=failed,
+            reason=reason,
         )
 
     def _fallback(
@@ -248,6 +282,7 @@ class Runner(ABC):
         t0: float,
         why: str,
         bytes_sent: int,
+        reason: str,
     ) -> EdgeAnswer:
         """The best answer the edge has: the ensemble's after branch k, else the most confident exit so far."""
         if policy.decides_every_exit:
@@ -257,14 +292,24 @@ class Runner(ABC):
             d = Decision(stop=torch.ones(1, dtype=torch.bool), label=label, confidence=conf.to(torch.float32))
         else:
             i, d = len(probs), last
-        if why == NO_CLOUD:
+        self._count(reason)
+        if reason == NO_CLOUD_REASON:
             log.debug("no cloud configured: answering at edge exit %d", i)
+        elif reason == "breaker_open":
+            log.debug("offload refused (%s); answering at edge exit %d", why, i)  # one warning opened it
         else:
             log.warning("offload failed (%s); answering at edge exit %d", why, i)
         # What the edge ran: stages and heads 1..k, i.e. the cost of an answer at exit k.
         return self._edge_answer(
-            d, i, request_id, t0, failed=why, bytes_sent=bytes_sent, macs=self._macs_at[self.k]
+            d, i, request_id, t0, failed=why, reason=reason, bytes_sent=bytes_sent, macs=self._macs_at[self.k]
         )
+
+    def _cloud_answer(
+        self, ans: CloudAnswer, *, macs: int, bytes_sent: int, t0: float, request_id: str
+    ) -> EdgeAnswer:
+        """The cloud's (checked) answer as the edge reports it, counted "ok"."""
+        self._count("ok")
+        return _cloud_answer(ans, macs=macs, bytes_sent=bytes_sent, t0=t0, request_id=request_id)
 
 
 class EdgeRunner(Runner):
@@ -290,6 +335,7 @@ class EdgeRunner(Runner):
             raise UserError(f"alpha must be a number >= 0 for strategy {strategy!r}, got {alpha!r}")
         self.strategy = strategy
         self.policy = spec_policy(strategy, self.alpha, self.spec)
+        self._expect = Expect(self.spec.content_hash, self.k, self.spec.class_names)
         # One dry decision at exit k: a policy that cannot work with this k (too few ensemble weights) fails now.
         uniform = torch.full((1, self.spec.num_classes), 1.0 / self.spec.num_classes)
         self.policy.decide([uniform] * self.k, self.k)
@@ -314,7 +360,7 @@ class EdgeRunner(Runner):
         if stop is not None:
             return self._edge_answer(d, stop, request_id, t0)
         if self.client is None:
-            return self._fallback(probs, d, self.policy, request_id, t0, NO_CLOUD, 0)
+            return self._fallback(probs, d, self.policy, request_id, t0, NO_CLOUD, 0, NO_CLOUD_REASON)
         try:
             body = wire.encode_payload(
                 h,
@@ -324,14 +370,16 @@ class EdgeRunner(Runner):
                 precision=self.precision,
             )
         except UserError as exc:  # e.g. a tensor outside the fp16 range: the edge's answer still stands
-            return self._fallback(
-                probs, d, self.policy, request_id, t0, f"cannot encode the payload: {exc}", 0
-            )
+            why = f"encode: cannot encode the payload: {exc}"
+            return self._fallback(probs, d, self.policy, request_id, t0, why, 0, "encode")
         try:
-            ans = self.client.offload(body, request_id)
+            ans = self.client.offload(body, request_id, expect=self._expect)
         except OffloadFailed as exc:
-            return self._fallback(probs, d, self.policy, request_id, t0, str(exc), len(body))
-        return _cloud_answer(ans, macs=self._macs_cloud, bytes_sent=len(body), t0=t0, request_id=request_id)
+            why = f"{exc.reason}: {exc}"
+            return self._fallback(probs, d, self.policy, request_id, t0, why, len(body), exc.reason)
+        return self._cloud_answer(
+            ans, macs=self._macs_cloud, bytes_sent=len(body), t0=t0, request_id=request_id
+        )
 
 
 class ConventionalRunner(Runner):
@@ -353,6 +401,13 @@ class ConventionalRunner(Runner):
             raise UserError("strategy 'conventional' needs the conventional DNN (RUN_DIR/conventional)")
         self.conventional_macs = runtime.conventional_macs
         self._never = policy_for("ee", math.inf)  # the fallback runs every edge exit 1..k
+        conv = runtime.conventional_spec
+        # The answer must come from the conventional DNN (k = 0); a runtime without its spec checks the classes.
+        self._expect = (
+            Expect(conv.content_hash, 0, conv.class_names)
+            if conv is not None
+            else Expect(self.spec.content_hash, 0, self.spec.class_names)
+        )
 
     def classify_image(self, data: bytes) -> EdgeAnswer:
         """Send image bytes (PNG or JPEG) to the cloud's conventional DNN; the timer starts now."""
@@ -373,20 +428,19 @@ class ConventionalRunner(Runner):
 
     def _classify(self, data: bytes, content_type: str, x: torch.Tensor | None, t0: float) -> EdgeAnswer:
         request_id = uuid.uuid4().hex
-        why, sent = NO_CLOUD, 0
+        why, sent, reason = NO_CLOUD, 0, NO_CLOUD_REASON
         if self.client is not None:
             try:
-                ans = self.client.classify(data, content_type)
+                ans = self.client.classify(data, content_type, request_id, expect=self._expect)
             except OffloadFailed as exc:
-                why, sent = str(exc), len(data)
+                why, sent, reason = f"{exc.reason}: {exc}", len(data), exc.reason
             else:
-                rid = ans.request_id or request_id
-                return _cloud_answer(
-                    ans, macs=self.conventional_macs, bytes_sent=len(data), t0=t0, request_id=rid
+                return self._cloud_answer(
+                    ans, macs=self.conventional_macs, bytes_sent=len(data), t0=t0, request_id=request_id
                 )
         # Cloud down: the EE-DNN's edge exits 1..k still give an answer (the most confident one).
         _, probs, d, _ = self._run_edge(x if x is not None else self._to_uint8(data), self._never)
-        return self._fallback(probs, d, self._never, request_id, t0, why, sent)
+        return self._fallback(probs, d, self._never, request_id, t0, why, sent, reason)
 
 
 def make_runner(
@@ -417,18 +471,32 @@ def load_runner(
     token: str | None = None,
     retries: int = 2,
     timeout: float = 10.0,
+    deadline: float | None = DEFAULT_DEADLINE,
+    breaker_failures: int = DEFAULT_BREAKER_FAILURES,
+    breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN,
     runtime: str = "torch",
 ) -> Runner:
     """The runner of `strategy` over RUN_DIR/ee (the conventional DNN's spec and MACs when the run has one).
 
     `client` wins over `cloud_url`; with neither there is no cloud and every offload falls back to the
-    edge. `token` is the cloud's bearer token (None: $EDGEEXIT_TOKEN). k None = all branches.
+    edge. `token` is the cloud's bearer token (None: $EDGEEXIT_TOKEN). k None = all branches. The client made
+    from `cloud_url` gives each offload `deadline` seconds in all (None: no total bound; `timeout` bounds each
+    socket operation) and opens its circuit breaker after `breaker_failures` consecutive failures (0: never)
+    for `breaker_cooldown` seconds (serving.client).
     """
     rt = load_runtime(Path(run_dir), runtime, load_conventional=False)
     release_freed_memory()
     owns = False
     if client is None and cloud_url is not None:
-        client = CloudClient(cloud_url, token=token, retries=retries, timeout=timeout)
+        client = CloudClient(
+            cloud_url,
+            token=token,
+            retries=retries,
+            timeout=timeout,
+            deadline=deadline,
+            breaker_failures=breaker_failures,
+            breaker_cooldown=breaker_cooldown,
+        )
         owns = True
     if client is None:
         log.warning("no cloud configured: every offload falls back to the edge's most confident exit")

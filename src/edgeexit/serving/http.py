@@ -7,8 +7,10 @@ from __future__ import annotations
 import ctypes
 import gc
 import hmac
+import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import fastapi
@@ -126,13 +128,19 @@ class ConcurrencyLimit:
 
 
 def new_app(
-    title: str, description: str | None, token: str | None, *, max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    title: str,
+    description: str | None,
+    token: str | None,
+    *,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    health: Callable[[], dict[str, str]] | None = None,
 ) -> tuple[fastapi.FastAPI, fastapi.APIRouter]:
     """A FastAPI app with one-line JSON errors, an open GET /healthz, open API docs that need no internet
     (/docs, /redoc, /openapi.json; see serving.docs), GET /metrics (serving.metrics; `app.state.metrics`), at
     most `max_concurrency` requests in progress (ConcurrencyLimit), and the router for its protected routes
     (bearer token `token`, None: open; BearerAuth guards every route but /healthz and the docs); include the
-    router once its routes are declared. DocsAssetsMissing if the docs' assets are not installed."""
+    router once its routes are declared. `health` adds fields to /healthz's {"status": "ok"}, read at each call
+    (keep it cheap). DocsAssetsMissing if the docs' assets are not installed."""
     check_max_concurrency(max_concurrency)
     app = fastapi.FastAPI(
         title=title, version="1", description=description or "", docs_url=None, redoc_url=None
@@ -145,7 +153,9 @@ def new_app(
     @app.get("/healthz", response_model=dict[str, str])
     async def healthz() -> Response:
         """Liveness: always open, even with a token configured."""
-        return healthy
+        if health is None:
+            return healthy
+        return Response(json.dumps({"status": "ok", **health()}).encode(), media_type="application/json")
 
     @app.get("/metrics", response_class=Response, responses=error_responses(401))
     async def prometheus_metrics() -> Response:
