@@ -165,6 +165,10 @@ def test_edge_counts_answers_by_outcome(tiny_run: tuple[Path, RunConfig], dead_u
             assert sum(v for (name, _), v in samples.items() if name == answers) == n
             route = {"route": "/v1/classify", "method": "POST", "status": "200"}
             assert value(samples, "edgeexit_http_requests_total", **route) == n
+            if runner is offloads:  # the runner's own counts and its breaker, read at scrape time
+                assert value(samples, "edgeexit_edge_offloads_total", reason="connect") == n
+                breaker = [value(samples, "edgeexit_edge_breaker_state", state=s) for s in ("closed", "open")]
+                assert breaker == [1.0, 0.0]  # n = 3 failures, under the 5 that open it
     finally:
         offloads.close()
 

@@ -77,6 +77,19 @@ def create_edge_app(
     answers = app.state.metrics.counter(
         "edgeexit_edge_answers", "answers by outcome and where they were answered", ["outcome", "answered_at"]
     )
+    readings = app.state.metrics.readings
+    readings.counter(
+        "edgeexit_edge_offloads",
+        "offloads by result: ok, or the reason the edge answered without the cloud",
+        "reason",
+        runner.outcome_counts,
+    )
+    readings.state(
+        "edgeexit_edge_breaker_state",
+        "the cloud circuit breaker (1 for the current state)",
+        runner.breaker_state,
+        states=("closed", "open", "half_open", "disabled"),
+    )
     # A thread for every request ConcurrencyLimit admits: none waits for a thread while others wait on the cloud.
     limiter = anyio.CapacityLimiter(max_concurrency)
     app.state.limiter = limiter
