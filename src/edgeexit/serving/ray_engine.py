@@ -158,9 +158,12 @@ def _init(ray: Any, address: str | None, cpus: int, temp_dir: str | None) -> boo
             **({"_temp_dir": temp_dir} if temp_dir is not None else {}),
         )
         return True
-    # Ray retries a GCS that does not answer for about 20 s (a head restarting); a server command should
-    # say at once that the address is wrong. An explicit setting of the user's wins.
-    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(CONNECT_TIMEOUT_S))
+    # Ray retries a GCS that does not answer for about 20 s (a head restarting); a server command should say
+    # soon that the address is wrong. Set for this call only (a local instance started later in this process
+    # waits for its own GCS with the same setting); the user's own setting wins.
+    wait_var = "RAY_gcs_server_port_wait_time_s"
+    given = os.environ.get(wait_var)
+    os.environ.setdefault(wait_var, str(CONNECT_TIMEOUT_S))
     try:
         ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, TimeoutError, RuntimeError) as exc:
@@ -170,6 +173,9 @@ def _init(ray: Any, address: str | None, cpus: int, temp_dir: str | None) -> boo
             "--head') and, for a cluster with token authentication (Ray's default), set RAY_AUTH_MODE=token "
             "and its token here (RAY_AUTH_TOKEN, from 'ray get-auth-token' on the head)"
         ) from None
+    finally:
+        if given is None:
+            os.environ.pop(wait_var, None)
     return False
 
 
