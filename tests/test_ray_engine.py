@@ -192,6 +192,15 @@ def test_token_is_required_and_health_is_open(cloud: RayCloud, payload: tuple[by
     assert m.status_code == 200 and m.json()["max_batch"] == 8  # the options reached the replicas' apps
 
 
+def test_metrics_name_the_replica_that_answers(cloud: RayCloud) -> None:
+    for _ in range(12):
+        r = httpx.get(cloud.url + "/metrics", headers=AUTH)
+        assert r.status_code == 200
+        replica = r.headers[REPLICA_HEADER]
+        assert f'edgeexit_replica_info{{replica="{replica}"}} 1.0' in r.text  # this replica's own registry
+    assert httpx.get(cloud.url + "/metrics").status_code == 401  # behind the token, as under uvicorn
+
+
 def test_bad_payload_gets_400_and_the_replicas_keep_serving(
     cloud: RayCloud, payload: tuple[bytes, int]
 ) -> None:

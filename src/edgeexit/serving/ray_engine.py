@@ -17,6 +17,7 @@ same path. Ray is an optional extra (`pip install 'edgeexit[ray]'`), imported on
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import signal
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeexit.errors import UserError
+from edgeexit.serving.limits import DEFAULT_IDLE_TIMEOUT_S, check_idle_timeout
 from edgeexit.threads import SERVER_THREADS, check_threads
 
 __all__ = ["REPLICA_HEADER", "RayCloud", "check_ray_options", "serve_ray_cloud", "start_ray_cloud"]
@@ -92,6 +94,15 @@ class CloudReplica:
         app = create_cloud_app(self.run_dir, **self.app_options)
         replica = serve.get_replica_context().replica_tag
         app.state.replica = replica
+        metrics = getattr(
+            app.state, "metrics", None
+        )  # serving.metrics.ServerMetrics: this replica's /metrics
+        if metrics is not None:
+            from prometheus_client import Info
+
+            Info("edgeexit_replica", "the Ray Serve replica that answers", registry=metrics.registry).info(
+                {"replica": replica}
+            )
         app.add_middleware(ReplicaHeader, replica=replica)  # added last, so outermost: 401s carry it too
         return app
 
@@ -237,6 +248,7 @@ def start_ray_cloud(
     host: str = "127.0.0.1",
     port: int = 0,
     threads: int = SERVER_THREADS,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
     temp_dir: str | None = None,
     **app_options: Any,
 ) -> RayCloud:
@@ -244,11 +256,13 @@ def start_ray_cloud(
 
     `address` None starts a local Ray instance (its files in `temp_dir`, removed on stop; default Ray's
     /tmp/ray), else joins that cluster. `port` 0 picks a free one. Each replica reserves `threads` CPUs and
-    computes with that many threads. `app_options` go to `create_cloud_app` (token, max_body_bytes, max_batch,
-    max_wait_ms, runtime). The handle's `.stop()` undeploys; it is a context manager.
+    computes with that many threads. `idle_timeout` is the keep-alive timeout of Serve's HTTP proxy (rounded up
+    to whole seconds). `app_options` go to `create_cloud_app` (token, max_body_bytes, max_batch, max_wait_ms,
+    runtime, max_concurrency: per replica). The handle's `.stop()` undeploys; it is a context manager.
     """
     check_ray_options(replicas, address)
     check_threads(threads)
+    keep_alive_s = math.ceil(check_idle_timeout(idle_timeout))  # Serve takes whole seconds
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise UserError(f"port must be in 0..65535, got {port!r}")
     ray, serve = _import_ray()
@@ -265,7 +279,10 @@ def start_ray_cloud(
     )
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # not one INFO line per step of the deployment
     try:
-        serve.start(http_options={"host": host, "port": port}, logging_config=_QUIET)
+        serve.start(
+            http_options={"host": host, "port": port, "keep_alive_timeout_s": keep_alive_s},
+            logging_config=_QUIET,
+        )
         deployment = serve.deployment(
             serve.ingress()(CloudReplica),
             name="cloud",
