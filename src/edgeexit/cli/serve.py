@@ -72,27 +72,55 @@ def _prepare_runtime(run_dir: str, runtime: str, host: str | None = None, port: 
 
 @command("serve-cloud")
 def run_serve_cloud(args: argparse.Namespace) -> None:
+    from edgeexit.errors import UserError
     from edgeexit.serving.batcher import check_batching
-    from edgeexit.serving.cloud_app import serve_cloud
     from edgeexit.threads import check_threads
 
     check_threads(args.threads)
     check_batching(args.max_batch, args.max_wait_ms)
     _check_limits(args)
-    _prepare_runtime(args.run_dir, args.runtime, args.host, args.port)
-    serve_cloud(
-        Path(args.run_dir),
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
+    app_options = dict(
         token=args.token,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         runtime=args.runtime,
-        threads=args.threads,
         max_concurrency=args.max_concurrency,
+    )
+    if args.engine == "ray":
+        if args.workers is not None:
+            raise UserError("--workers is for --engine uvicorn; with --engine ray use --replicas N")
+        from edgeexit.serving.ray_engine import check_ray_options, serve_ray_cloud
+
+        replicas = 1 if args.replicas is None else args.replicas
+        check_ray_options(replicas, args.address)  # before a run is exported, and without Ray: one line
+        # On a cluster the proxy binds on the cluster's nodes, not necessarily here: no local port check.
+        _prepare_runtime(args.run_dir, args.runtime, args.host, None if args.address else args.port)
+        serve_ray_cloud(
+            Path(args.run_dir),
+            replicas=replicas,
+            address=args.address,
+            host=args.host,
+            port=args.port,
+            threads=args.threads,
+            idle_timeout=args.idle_timeout,
+            **app_options,
+        )
+        return
+    for flag, value in (("--replicas", args.replicas), ("--address", args.address)):
+        if value is not None:
+            raise UserError(f"{flag} is for --engine ray (Ray Serve); the uvicorn engine takes --workers N")
+    from edgeexit.serving.cloud_app import serve_cloud
+
+    _prepare_runtime(args.run_dir, args.runtime, args.host, args.port)
+    serve_cloud(
+        Path(args.run_dir),
+        host=args.host,
+        port=args.port,
+        workers=1 if args.workers is None else args.workers,
+        threads=args.threads,
         idle_timeout=args.idle_timeout,
+        **app_options,
     )
 
 
@@ -103,7 +131,26 @@ def add_serve_cloud(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument(
+        "--engine",
+        choices=("uvicorn", "ray"),
+        default="uvicorn",
+        help="uvicorn: this machine, --workers processes (default); ray: Ray Serve replicas, on a cluster with "
+        "--address (needs pip install 'edgeexit[ray]')",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, metavar="N", help="uvicorn worker processes (default: 1)"
+    )
+    p.add_argument(
+        "--replicas", type=int, default=None, metavar="N", help="--engine ray: Serve replicas (default: 1)"
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        metavar="ADDR",
+        help="--engine ray: join this Ray cluster ('auto', HOST:6379 or ray://HOST:10001); default: start a "
+        "local Ray instance",
+    )
     p.add_argument("--token", default=None, help="require this bearer token (or set EDGEEXIT_TOKEN)")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body accepted (MiB)")
     p.add_argument(
