@@ -94,15 +94,12 @@ class CloudReplica:
         app = create_cloud_app(self.run_dir, **self.app_options)
         replica = serve.get_replica_context().replica_tag
         app.state.replica = replica
-        metrics = getattr(
-            app.state, "metrics", None
-        )  # serving.metrics.ServerMetrics: this replica's /metrics
-        if metrics is not None:
-            from prometheus_client import Info
+        from prometheus_client import Info
 
-            Info("edgeexit_replica", "the Ray Serve replica that answers", registry=metrics.registry).info(
-                {"replica": replica}
-            )
+        registry = app.state.metrics.registry  # serving.metrics.ServerMetrics: this replica's /metrics
+        Info("edgeexit_replica", "the Ray Serve replica that answers", registry=registry).info(
+            {"replica": replica}
+        )
         app.add_middleware(ReplicaHeader, replica=replica)  # added last, so outermost: 401s carry it too
         return app
 
