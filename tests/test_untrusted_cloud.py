@@ -268,6 +268,20 @@ def test_breaker_disabled_and_no_cloud(env: Env, fake: FakeCloud) -> None:
     assert (a.reason, env.base.breaker_state()) == ("no_cloud", "disabled")
 
 
+def test_the_deadline_counts_the_time_already_spent_on_the_image(env: Env, fake: FakeCloud) -> None:
+    fake.behave("hang")
+    client = CloudClient(fake.url, deadline=0.6, retries=0, breaker_failures=0)
+    body = b"x"
+    for spent, waits in ((0.0, 0.6), (0.4, 0.2), (0.7, 0.0)):  # spent past the deadline: fails at once
+        t0 = time.perf_counter()
+        with pytest.raises(OffloadFailed) as info:
+            client.offload(body, "r", spent=spent)
+        took = time.perf_counter() - t0
+        assert info.value.reason == "deadline"
+        assert waits - 0.01 <= took < waits + 0.3, (spent, took)
+    client.close()
+
+
 # --- 48 concurrent images, a cloud that never answers ----------------------------------------------------------
 
 # 48 clients in their own process (so that their CPU is not the edge's): each connects, waits for the others,

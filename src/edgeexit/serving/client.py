@@ -460,11 +460,14 @@ class CloudClient:
             self._drop(conn)
         return Reply(r.status, content, r.reason or "")
 
-    def _request(self, method: str, path: str, body: bytes | None = None, **headers: str) -> Reply:
-        """One request with retries, all within the deadline; a 2xx answer, or OffloadFailed."""
+    def _request(
+        self, method: str, path: str, body: bytes | None = None, *, spent: float = 0.0, **headers: str
+    ) -> Reply:
+        """One request with retries, all within the deadline less `spent` (seconds the caller already spent on
+        this image); a 2xx answer, or OffloadFailed."""
         if self.is_closed:
             raise OffloadFailed(f"the client of {self.base_url} is closed", reason="closed")
-        deadline = time.monotonic() + (math.inf if self.deadline is None else self.deadline)
+        deadline = time.monotonic() + (math.inf if self.deadline is None else self.deadline - spent)
         last, reason = "", "network"
         status: int | None = None
         attempts = 0
@@ -532,14 +535,20 @@ class CloudClient:
         finally:
             self.breaker.record(ok, probe)
 
-    def offload(self, body: bytes, request_id: str, *, expect: Expect | None = None) -> CloudAnswer:
+    def offload(
+        self, body: bytes, request_id: str, *, expect: Expect | None = None, spent: float = 0.0
+    ) -> CloudAnswer:
         """POST a `wire.encode_payload` body to /v1/offload; the cloud's answer for its one sample.
 
         With `expect`, the answer must also name that model and k, a label among its classes, and `request_id`.
+        `spent`: seconds already spent on this image (the edge's own compute), taken off the deadline, so that
+        the image is answered within about the deadline of its arrival.
         """
         headers = {"Content-Type": "application/octet-stream", "X-Request-ID": request_id}
         return self._guarded(
-            lambda: _answer(self._request("POST", "/v1/offload", body, **headers), request_id, expect)
+            lambda: _answer(
+                self._request("POST", "/v1/offload", body, spent=spent, **headers), request_id, expect
+            )
         )
 
     def classify(
@@ -549,14 +558,18 @@ class CloudClient:
         request_id: str | None = None,
         *,
         expect: Expect | None = None,
+        spent: float = 0.0,
     ) -> CloudAnswer:
         """POST image bytes (image/png or image/jpeg) to /v1/classify: the conventional DNN's answer (checked
-        against `expect` and `request_id`, sent as X-Request-ID, like `offload`)."""
+        against `expect` and `request_id`, sent as X-Request-ID, and `spent` taken off the deadline, like
+        `offload`)."""
         headers = {"Content-Type": content_type}
         if request_id is not None:
             headers["X-Request-ID"] = request_id
         return self._guarded(
-            lambda: _answer(self._request("POST", "/v1/classify", image, **headers), request_id, expect)
+            lambda: _answer(
+                self._request("POST", "/v1/classify", image, spent=spent, **headers), request_id, expect
+            )
         )
 
     def model_info(self) -> dict:

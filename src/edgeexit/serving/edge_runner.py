@@ -373,7 +373,7 @@ class EdgeRunner(Runner):
             why = f"encode: cannot encode the payload: {exc}"
             return self._fallback(probs, d, self.policy, request_id, t0, why, 0, "encode")
         try:
-            ans = self.client.offload(body, request_id, expect=self._expect)
+            ans = self.client.offload(body, request_id, expect=self._expect, spent=time.perf_counter() - t0)
         except OffloadFailed as exc:
             why = f"{exc.reason}: {exc}"
             return self._fallback(probs, d, self.policy, request_id, t0, why, len(body), exc.reason)
@@ -431,7 +431,9 @@ class ConventionalRunner(Runner):
         why, sent, reason = NO_CLOUD, 0, NO_CLOUD_REASON
         if self.client is not None:
             try:
-                ans = self.client.classify(data, content_type, request_id, expect=self._expect)
+                ans = self.client.classify(
+                    data, content_type, request_id, expect=self._expect, spent=time.perf_counter() - t0
+                )
             except OffloadFailed as exc:
                 why, sent, reason = f"{exc.reason}: {exc}", len(data), exc.reason
             else:
