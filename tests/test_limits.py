@@ -31,16 +31,21 @@ pytestmark = pytest.mark.slow  # starts real servers
 IDLE_S = 1.5  # the test servers' idle timeout
 SLACK_S = 1.5  # for a loaded 2-core machine
 MAX_CONCURRENCY = 2
+STALL_S = (
+    4.0  # the test servers' body stall timeout (limits.BODY_STALL_TIMEOUT_S): long enough for the cap test
+)
 
 # The server: new_app (the HTTP plumbing the cloud and edge apps share) with the link-probe routes, whose
 # /v1/probe/sink reads a body as it comes: a request whose body never ends stays in progress.
 SERVER = """
 import logging, sys
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+from edgeexit.serving import limits
 from edgeexit.serving.http import new_app
 from edgeexit.serving.probe import probe_router
 from edgeexit.serving.server import run_server
 port, idle, loop, cap = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+limits.BODY_STALL_TIMEOUT_S = float(sys.argv[5])
 app, api = new_app("limits test", None, None, max_concurrency=cap)
 api.include_router(probe_router)
 app.include_router(api)
@@ -103,7 +108,7 @@ def _start(log: Path, *, loop: str = "auto", fd_limits: tuple[int, int] | None =
 
     out = log.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-c", SERVER, str(port), str(IDLE_S), loop, str(MAX_CONCURRENCY)],
+        [sys.executable, "-c", SERVER, str(port), str(IDLE_S), loop, str(MAX_CONCURRENCY), str(STALL_S)],
         stdout=out,
         stderr=subprocess.STDOUT,
         preexec_fn=limit_fds,
@@ -305,6 +310,32 @@ def test_requests_beyond_the_cap_get_503_with_retry_after(server: Server) -> Non
     r = conn.getresponse()
     assert (r.status, json.loads(r.read())) == (200, {"bytes": 3})
     conn.close()
+
+
+def test_a_stalled_body_gets_408_and_frees_its_request_slot(server: Server) -> None:
+    """A body that pauses longer than the stall timeout: 408 with a one-line detail, the connection closed, and
+    the request's slot under the cap free again (the head's idle timeout does not cover a body)."""
+    stalled = _start_sink(server.port)  # 3 of 1000 bytes, then nothing
+    t0 = time.monotonic()
+    try:
+        head, body = _read_answer(stalled)
+        took = time.monotonic() - t0
+        assert head.startswith(b"HTTP/1.1 408")
+        assert b"connection: close" in head.lower()
+        assert "stalled" in json.loads(body)["detail"]
+        assert STALL_S - 0.5 < took < STALL_S + SLACK_S
+        assert _closed_after(stalled, SLACK_S) is not None
+    finally:
+        stalled.close()
+    busy = [_start_sink(server.port) for _ in range(MAX_CONCURRENCY - 1)]  # with the stalled one gone: room
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("POST", "/v1/probe/sink", body=b"xyz")
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        for s in busy:
+            s.close()
 
 
 # --- quiet disconnects ---------------------------------------------------------------------------------------

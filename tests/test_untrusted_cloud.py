@@ -282,6 +282,26 @@ def test_the_deadline_counts_the_time_already_spent_on_the_image(env: Env, fake:
     client.close()
 
 
+def test_a_busy_cloud_is_retried_no_sooner_than_its_retry_after(fake: FakeCloud) -> None:
+    detail = b'{"detail":"busy"}'
+    busy = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: %d\r\nContent-Length: %d\r\n\r\n%s"
+    client = CloudClient(fake.url, deadline=0.8, retries=2, backoff=0.01, breaker_failures=0)
+    # Come back in 1 s, with 0.8 s left: no retry can be in time, so the edge answers at once.
+    fake.behave("bytes", data=busy % (1, len(detail), detail))
+    t0 = time.perf_counter()
+    with pytest.raises(OffloadFailed) as info:
+        client.offload(b"x", "r")
+    assert (info.value.reason, info.value.status, fake.requests) == ("http_5xx", 503, 1)
+    assert time.perf_counter() - t0 < 0.5
+    # Come back at once: the retries go out after the backoff alone.
+    fake.requests = 0
+    fake.behave("bytes", data=busy % (0, len(detail), detail))
+    with pytest.raises(OffloadFailed) as info:
+        client.offload(b"x", "r")
+    assert (info.value.reason, fake.requests) == ("http_5xx", 3)
+    client.close()
+
+
 # --- 48 concurrent images, a cloud that never answers ----------------------------------------------------------
 
 # 48 clients in their own process (so that their CPU is not the edge's): each connects, waits for the others,

@@ -5,7 +5,8 @@ The cloud is not trusted. Every request has ONE total deadline (`deadline`, defa
 connecting, sending, retries, backoff and reading: every read of the socket waits at most for the time left (and
 at most `timeout`, per operation), so a cloud that drips its answer a byte at a time cannot hold the edge past it.
 Connect errors, timeouts, broken connections and 5xx answers are retried while time is left (`retries` times,
-waiting `backoff * 2**attempt` seconds before each retry): finishing an inference is idempotent, so sending a body
+waiting `backoff * 2**attempt` seconds before each retry, or the Retry-After of a busy server's 503 when longer;
+one past the deadline ends the tries at once): finishing an inference is idempotent, so sending a body
 twice is harmless. A 4xx answer (409 model mismatch, 422 wrong tensor, 401 token...) is something a retry
 cannot fix: it raises `OffloadFailed` at once with the server's detail. An answer longer than
 `max_answer_bytes` is not read past that limit. A 2xx answer is checked (`Expect`): JSON of the documented
@@ -122,6 +123,7 @@ class Reply:
     status_code: int
     content: bytes
     reason_phrase: str = ""
+    retry_after: float | None = None  # a 503's Retry-After, in seconds (the delta-seconds form only)
 
     @property
     def text(self) -> str:
@@ -213,6 +215,13 @@ def _answer(r: Reply, request_id: str | None, expect: Expect | None) -> CloudAns
         model_hash=model_hash if isinstance(model_hash, str) else None,
         k=k if _is_int(k) else None,
     )
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds when it is a small non-negative integer (its delta-seconds form); else None."""
+    if value is None or not value.strip().isdigit() or len(value.strip()) > 6:
+        return None
+    return float(value.strip())
 
 
 def _attempts(n: int) -> str:
@@ -458,7 +467,7 @@ class CloudClient:
             raise
         if r.will_close:
             self._drop(conn)
-        return Reply(r.status, content, r.reason or "")
+        return Reply(r.status, content, r.reason or "", _retry_after(r.getheader("retry-after")))
 
     def _request(
         self, method: str, path: str, body: bytes | None = None, *, spent: float = 0.0, **headers: str
@@ -471,9 +480,10 @@ class CloudClient:
         last, reason = "", "network"
         status: int | None = None
         attempts = 0
+        wait = 0.0  # a busy server's Retry-After: the least pause before the next try
         for attempt in range(self.retries + 1):
             if attempt:
-                pause = self.backoff * 2 ** (attempt - 1)
+                pause = max(self.backoff * 2 ** (attempt - 1), wait)
                 if time.monotonic() + pause >= deadline:
                     break  # no time left for another try
                 time.sleep(pause)
@@ -502,6 +512,7 @@ class CloudClient:
                     reason="hash_mismatch" if r.status_code == 409 else "http_4xx",
                 )
             last, reason = f"HTTP {r.status_code}: {_detail(r)}", "http_5xx"
+            wait = r.retry_after or 0.0  # a 503 over the server's concurrency cap says when to come back
             log.debug("%s %s attempt %d answered %s", method, path, attempt + 1, last)
         if time.monotonic() >= deadline:
             raise OffloadFailed(

@@ -4,13 +4,14 @@ OpenAPI descriptions."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import gc
 import hmac
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import fastapi
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from edgeexit.serving import limits
 from edgeexit.serving.docs import ASSETS_URL, install_docs
 from edgeexit.serving.limits import DEFAULT_MAX_CONCURRENCY, RETRY_AFTER_S, check_max_concurrency
 from edgeexit.serving.metrics import CONTENT_TYPE, MetricsMiddleware, ServerMetrics
@@ -28,6 +30,7 @@ __all__ = [
     "TOKEN_ENV",
     "binary_body",
     "BearerAuth",
+    "body_chunks",
     "check_content_type",
     "ConcurrencyLimit",
     "error",
@@ -57,9 +60,9 @@ def _one_line(text: str, limit: int = 300) -> str:
     return " ".join(str(text).split())[:limit]
 
 
-def error(status: int, detail: str) -> fastapi.HTTPException:
-    """An HTTPException whose JSON body is {"detail": "<one line>"}."""
-    return fastapi.HTTPException(status_code=status, detail=_one_line(detail))
+def error(status: int, detail: str, headers: dict[str, str] | None = None) -> fastapi.HTTPException:
+    """An HTTPException whose JSON body is {"detail": "<one line>"} (with `headers` on the answer)."""
+    return fastapi.HTTPException(status_code=status, detail=_one_line(detail), headers=headers)
 
 
 class BearerAuth:
@@ -217,7 +220,8 @@ def check_content_type(request: Request, accepted: tuple[str, ...], *, allow_mis
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, at most `limit` bytes: 413 from Content-Length before reading anything, or as soon as
-    a body without one (chunked) passes the limit; the rest is never read."""
+    a body without one (chunked) passes the limit; the rest is never read. A body that stalls for
+    `limits.BODY_STALL_TIMEOUT_S`: 408, and the connection is closed."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.strip().isdigit():
@@ -231,7 +235,7 @@ async def read_body(request: Request, limit: int) -> bytes:
             trim_heap()
     chunks: list[bytes] = []
     n = 0
-    async for chunk in request.stream():
+    async for chunk in body_chunks(request):
         n += len(chunk)
         if n > limit:
             raise error(413, f"request body over {limit} bytes; the limit is {limit} bytes")
@@ -246,6 +250,29 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 _TRIM_ABOVE = 4 << 20
+
+
+async def body_chunks(request: Request) -> AsyncIterator[bytes]:
+    """The request body's chunks as they arrive; a body that stalls (no chunk for `limits.BODY_STALL_TIMEOUT_S`):
+    408 with `Connection: close`, so that a client sending a byte now and then cannot hold a request slot."""
+    stall_s = limits.BODY_STALL_TIMEOUT_S
+    stream = request.stream()
+    received = 0
+    while True:
+        try:
+            async with asyncio.timeout(stall_s):  # a timer handle per chunk, not a task
+                chunk = await anext(stream)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise error(
+                408,
+                f"request body stalled: nothing for {stall_s:g} s after {received} bytes; expected the whole body "
+                "without long pauses",
+                headers={"Connection": "close"},
+            ) from None
+        received += len(chunk)
+        yield chunk
 
 
 def trim_heap() -> None:
@@ -268,6 +295,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     described = {
         400: "malformed body",
         401: "missing or wrong bearer token",
+        408: "request body stalled",
         409: "model hash mismatch",
         413: "body too large",
         415: "wrong Content-Type or image format",

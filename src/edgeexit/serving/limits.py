@@ -12,6 +12,7 @@ from edgeexit.errors import UserError
 
 __all__ = [
     "ACCEPT_LOG_PERIOD_S",
+    "BODY_STALL_TIMEOUT_S",
     "DEFAULT_IDLE_TIMEOUT_S",
     "DEFAULT_MAX_CONCURRENCY",
     "MAX_HEADER_BYTES",
@@ -29,6 +30,10 @@ MAX_HEADER_BYTES = 16 << 10  # request line and headers; h11's and Node's defaul
 # batcher or the thread pool meanwhile, and each holds its body (up to --max-body-mb).
 DEFAULT_MAX_CONCURRENCY = 256
 RETRY_AFTER_S = 1
+# A request body that makes no progress for this long is answered 408 and its connection closed (nginx's
+# client_body_timeout, 60 s there): otherwise a client sending a body a byte at a time holds a request slot
+# (--max-concurrency) for as long as it likes. The idle timeout covers only the request head.
+BODY_STALL_TIMEOUT_S = 10.0
 ACCEPT_LOG_PERIOD_S = 10.0  # at most one log line per period about failed accepts (out of descriptors)
 
 

@@ -20,6 +20,7 @@ from fastapi import Query, Request
 from fastapi.responses import StreamingResponse
 
 from edgeexit.errors import UserError
+from edgeexit.serving.http import body_chunks
 
 __all__ = ["MAX_SOURCE_BYTES", "LinkMeasurement", "probe_link", "probe_router"]
 
@@ -39,9 +40,9 @@ async def ping() -> dict[str, bool]:
 
 @probe_router.post("/v1/probe/sink")
 async def sink(request: Request) -> dict[str, int]:
-    """Read a body of any size as a stream and say how many bytes came (upload throughput)."""
+    """Read a body of any size as a stream and say how many bytes came (upload throughput); 408 if it stalls."""
     n = 0
-    async for chunk in request.stream():
+    async for chunk in body_chunks(request):
         n += len(chunk)
     return {"bytes": n}
 
