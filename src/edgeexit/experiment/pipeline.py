@@ -354,7 +354,7 @@ def _plan_section(run: RunDir) -> Section | None:
         (
             "Accuracy against the planner's predicted mean latency for every configuration of the offline sweep "
             "(strategy, α, k, wire precision) at the lightest, a middle and the heaviest level, over the link "
-            "the online run measured; black: the Pareto front; star: `edgeexit plan`'s choice for a mean "
+            "the online run measured; black: the Pareto front; star: what edgeexit plan chooses for a mean "
             "latency of at most half the cloud-only DNN's.",
             run.figures / "plan_pareto.png",
         ),
@@ -368,10 +368,10 @@ def _plan_section(run: RunDir) -> Section | None:
         "Planning: predicted against measured latency",
         [
             validation_summary(table),
-            "The cost model is measured on this machine right after the online run (`RUN_DIR/plan`, runtime "
+            "The cost model is measured on this machine right after the online run (RUN_DIR/plan, runtime "
             "and threads of the online run): edge time per stage and head, cloud time per split point and batch "
             "size, payload bytes per precision, the loopback HTTP round trip; the link is the one the online "
-            "run measured. All levels: `plan/validation.csv`.",
+            "run measured. All levels: plan/validation.csv.",
         ],
         [("Predicted / measured latency (ms) at three levels", report_table(table))],
         [(c, p) for c, p in figs if p.is_file()],
