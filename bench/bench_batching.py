@@ -44,9 +44,12 @@ def random_run(root: Path, size: int) -> Path:
     return root
 
 
-def start(run: Path, max_batch: int, runtime: str) -> tuple[subprocess.Popen, str]:
+def start(
+    run: Path, flags: list[str], runtime: str, env: dict[str, str] | None = None, startup_s: float = 120
+) -> tuple[subprocess.Popen, str]:
+    """`edgeexit serve-cloud RUN --runtime R` with `flags` on a free port, one torch thread (`env`: more
+    variables); returns (process, URL) once it answers /v1/model."""
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
         "-m",
@@ -55,15 +58,18 @@ def start(run: Path, max_batch: int, runtime: str) -> tuple[subprocess.Popen, st
         str(run),
         "--port",
         str(port),
-        "--max-batch",
-        str(max_batch),
         "--runtime",
         runtime,
     ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd + flags,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + startup_s
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             with CloudClient(url, retries=0, timeout=2) as c:
                 c.model_info()
@@ -71,7 +77,18 @@ def start(run: Path, max_batch: int, runtime: str) -> tuple[subprocess.Popen, st
         except Exception:
             time.sleep(0.3)
     proc.kill()
-    raise SystemExit(f"server with --max-batch {max_batch} did not start")
+    raise SystemExit(f"serve-cloud {' '.join(flags)} did not start")
+
+
+def stage_payload(run: Path, size: int, k: int) -> tuple[torch.Tensor, bytes]:
+    """The stage-k tensor of a fixed random image through the run's EE-DNN, and its fp32 offload body."""
+    net, spec = load_checkpoint(run / "ee")
+    x = torch.randint(
+        0, 256, (1, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    with torch.inference_mode():
+        _, h = net.edge_part(spec.preprocessing.normalize(x), k)
+    return h, wire.encode_payload(h, model_hash=spec.content_hash, k=k, request_id="b")
 
 
 def load(url: str, body: bytes, clients: int, seconds: float) -> dict[str, float]:
@@ -137,16 +154,13 @@ def main() -> None:
     out = {}
     for size in args.sizes:
         run = random_run(tmp / f"run{size}", size)
-        net, spec = load_checkpoint(run / "ee")
-        x = torch.randint(
-            0, 256, (1, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
-        )
-        with torch.inference_mode():
-            _, h = net.edge_part(spec.preprocessing.normalize(x), args.k)
-        body = wire.encode_payload(h, model_hash=spec.content_hash, k=args.k, request_id="b")
+        h, body = stage_payload(run, size, args.k)
         if args.runtime == "onnx":
             export_onnx(run)
-        servers = {"batched": start(run, 64, args.runtime), "unbatched": start(run, 1, args.runtime)}
+        servers = {
+            "batched": start(run, ["--max-batch", "64"], args.runtime),
+            "unbatched": start(run, ["--max-batch", "1"], args.runtime),
+        }
         res: dict[tuple[str, int], list[dict]] = {}
         try:
             for _ in range(args.rounds):

@@ -24,22 +24,16 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import torch
-from bench_batching import load, random_run
-from common import free_port
+from bench_batching import load, random_run, stage_payload, start
 
-from edgeexit.model import load_checkpoint
 from edgeexit.onnx_export import export_onnx
-from edgeexit.serving import wire
-from edgeexit.serving.client import CloudClient
 from edgeexit.serving.ray_engine import REPLICA_HEADER
 
 ENGINES = {
@@ -47,36 +41,6 @@ ENGINES = {
     "ray1": ["--engine", "ray", "--replicas", "1"],
     "ray2": ["--engine", "ray", "--replicas", "2"],
 }
-
-
-def start(run: Path, flags: list[str], runtime: str, tmp: Path) -> tuple[subprocess.Popen, str]:
-    """`edgeexit serve-cloud RUN` with `flags` on a free port; returns once it answers /v1/model."""
-    port = free_port()
-    # RAY_TMPDIR: each Ray instance's session files under this bench's temporary directory, not /tmp/ray
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": str(tmp)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "edgeexit",
-        "serve-cloud",
-        str(run),
-        "--port",
-        str(port),
-        "--runtime",
-        runtime,
-    ]
-    proc = subprocess.Popen(cmd + flags, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180  # a local Ray instance and its replicas take 10-30 s
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with CloudClient(url, retries=0, timeout=2) as c:
-                c.model_info()
-            return proc, url
-        except Exception:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"serve-cloud {' '.join(flags) or '(uvicorn)'} did not start")
 
 
 def spread(url: str, body: bytes, clients: int, requests: int = 160) -> list[int]:
@@ -105,20 +69,16 @@ def main() -> None:
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-ray-", dir="/tmp"))
     run = random_run(tmp / "run", args.size)
-    net, spec = load_checkpoint(run / "ee")
-    x = torch.randint(
-        0, 256, (1, 3, args.size, args.size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
-    )
-    with torch.inference_mode():
-        _, h = net.edge_part(spec.preprocessing.normalize(x), args.k)
-    body = wire.encode_payload(h, model_hash=spec.content_hash, k=args.k, request_id="b")
+    _, body = stage_payload(run, args.size, args.k)
     if args.runtime == "onnx":
         export_onnx(run)
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     res: dict[tuple[str, int], list[dict]] = {}
     try:
         for name, flags in ENGINES.items():
-            servers[name] = start(run, flags, args.runtime, tmp)
+            # RAY_TMPDIR: each Ray instance's session files under this bench's temporary directory, not /tmp/ray;
+            # a local Ray instance and its replicas take 10-30 s to start
+            servers[name] = start(run, flags, args.runtime, env={"RAY_TMPDIR": str(tmp)}, startup_s=180)
         replicas = spread(servers["ray2"][1], body, args.clients)
         for _ in range(args.rounds):
             for name, (_, url) in servers.items():
