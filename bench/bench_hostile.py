@@ -37,6 +37,7 @@ import zlib
 from pathlib import Path
 
 import torch
+from bench_batching import random_run
 from common import free_port
 from PIL import Image
 
@@ -47,12 +48,9 @@ from edgeexit.serving import wire
 CLOUD_TOKEN, EDGE_TOKEN = "cloud-secret", "edge-secret"
 
 
-def random_run(root: Path) -> Path:
-    """A 32 px random-weight EE-DNN (3 branches) and conventional DNN, calibrated to temperature 1."""
-    torch.manual_seed(0)
-    net, spec = new_model("mobilenet_v2", num_classes=10, input_size=32, branches=3)
-    spec.temperatures = [1.0] * spec.num_exits
-    save_checkpoint(RunDir(root).ee, net.eval(), spec)
+def random_run_with_conventional(root: Path) -> Path:
+    """bench_batching's 32 px random-weight EE-DNN (3 branches) and a conventional DNN, temperature 1."""
+    random_run(root, 32)
     conv, cspec = new_model("mobilenet_v2", kind="conventional", num_classes=10, input_size=32)
     cspec.temperatures = [1.0]
     save_checkpoint(RunDir(root).conventional, conv.eval(), cspec)
@@ -269,7 +267,7 @@ def main() -> None:
     args = ap.parse_args()
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="bench-hostile-"))
-    run = random_run(tmp / "run")
+    run = random_run_with_conventional(tmp / "run")
     cloud_port, edge_port = free_port(), free_port()
     common = ["--runtime", args.runtime, "--threads", "1"]
     cloud = start(
