@@ -114,14 +114,15 @@ def make_plan(
     from edgeexit.runtime import RUNTIMES
 
     RUNTIMES.get(runtime)  # unknown: a UserError listing the known ones
-    if refit or load_cost_model(run.root, runtime, threads) is None:
+    model = None if refit else load_cost_model(run.root, runtime, threads)
+    if model is None:
         print(
             f"edgeexit: measuring the cost model of {run.root} on runtime {runtime}, {threads} thread(s) "
             f"(once per run and machine; cached in {cost_model_path(run.root, runtime, threads)})",
             file=sys.stderr,
             flush=True,
         )
-    model = cost_model(run.root, runtime, threads, refit=refit)
+        model = cost_model(run.root, runtime, threads, refit=True)
     if rtt_ms is not None:
         assert bandwidth_mbit is not None
         link = Link(
