@@ -18,7 +18,7 @@ from edgeexit.config import RunConfig
 from edgeexit.errors import UserError
 from edgeexit.model import load_checkpoint
 from edgeexit.runtime import TorchRuntime
-from edgeexit.serving import wire
+from edgeexit.serving import batcher, wire
 from edgeexit.serving.batcher import Batcher, BatchFailed
 from edgeexit.serving.cloud_app import create_cloud_app
 from edgeexit.serving.cloud_runner import CloudRunner
@@ -163,6 +163,49 @@ def test_without_max_wait_a_lone_request_runs_at_once() -> None:
 
     asyncio.run(go())
     assert rec.batches == [("a", [1])]
+
+
+def test_an_idle_batcher_runs_a_quick_request_on_the_event_loop_and_a_slow_one_in_a_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(batcher, "INLINE_MAX_MS", 30.0)  # wide margins both ways on a stalling CI machine
+    threads: list[tuple[Hashable, str]] = []
+
+    def run(key: Hashable, items: list[int]) -> list[int]:
+        threads.append((key, threading.current_thread().name))
+        if key == "slow":
+            time.sleep(0.1)  # over INLINE_MAX_MS
+        if -1 in items:
+            raise RuntimeError("bad item -1")
+        return [2 * i for i in items]
+
+    async def go() -> list[object]:
+        b = Batcher(run, max_batch=4)
+        out = [await b.submit("quick", 1), await b.submit("quick", 2)]  # unknown cost: a thread; then inline
+        out += [await b.submit("slow", 3), await b.submit("slow", 4)]  # 20 ms: a thread, both times
+        with pytest.raises(BatchFailed, match="batch of 1 rows failed.*bad item -1"):
+            await b.submit("quick", -1)  # fails inline, alone
+        out.append(await b.submit("quick", 5))  # and the next request is served
+        # Requests that arrive together are company: one batch, in the worker thread, and the next lone one
+        # runs in the thread too (its key's last batch was not one request alone).
+        out += await asyncio.gather(*(b.submit("quick", i) for i in (6, 7, 8)))
+        out.append(await b.submit("quick", 9))
+        out.append(await b.submit("quick", 10))  # alone after alone: on the loop again
+        return out
+
+    assert asyncio.run(go()) == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
+    main = threading.current_thread().name
+    assert [(key, name == main) for key, name in threads] == [
+        ("quick", False),  # cost unknown
+        ("quick", True),
+        ("slow", False),
+        ("slow", False),
+        ("quick", True),  # fails, alone
+        ("quick", True),
+        ("quick", False),  # the batch of 3
+        ("quick", False),
+        ("quick", True),
+    ], threads
 
 
 @pytest.mark.parametrize(

@@ -519,3 +519,19 @@ def test_start_server_serves_and_stops(cloud: Cloud) -> None:
     srv.stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{srv.url}/healthz", timeout=5)
+
+
+def test_hot_routes_taken_past_the_router_answer_as_routed_ones(cloud: Cloud, http: httpx.Client) -> None:
+    # POST /v1/offload and /v1/classify and GET /healthz go straight to their handlers (http.DirectRoutes);
+    # other methods on those paths still reach FastAPI's router, and the OpenAPI schema still lists them.
+    assert http.get("/v1/offload").status_code == 405
+    assert http.put("/healthz").status_code == 405
+    assert http.get("/healthz").json() == {"status": "ok"}
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"/v1/offload", "/v1/classify", "/healthz"} <= set(paths)
+    r = http.post(
+        "/v1/offload", content=b"not a payload", headers={"Content-Type": "application/octet-stream"}
+    )
+    assert r.status_code == 400 and set(r.json()) == {"detail"}
+    r = http.post("/v1/offload?x=1", content=_payload(cloud, 2)[0])  # a query string does not matter
+    assert r.status_code == 200 and r.json()["k"] == 2

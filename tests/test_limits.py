@@ -4,6 +4,7 @@ requests in progress, /healthz beside 1,000 idle sockets, quiet disconnects, rat
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -24,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgeexit.cli import main
 from edgeexit.serving.limits import MAX_HEADER_BYTES
-from edgeexit.serving.server import raise_fd_limit
+from edgeexit.serving.server import JOIN_MAX_BYTES, _OneWritePerTurn, raise_fd_limit
 
 pytestmark = pytest.mark.slow  # starts real servers
 
@@ -412,3 +413,47 @@ def test_serve_commands_check_the_limits(tmp_path: Path, capsys: pytest.CaptureF
     assert "max concurrency must be an integer >= 1, got 0" in capsys.readouterr().err
     assert main(["serve-edge", str(tmp_path), "--cloud", "http://x:1", "--idle-timeout", "inf"]) == 2
     assert "idle timeout must be a finite number of seconds > 0, got inf" in capsys.readouterr().err
+
+
+# --- one write per answer -------------------------------------------------------------------------------------
+
+
+class _Recording(asyncio.Transport):
+    """An asyncio transport that records its writes (a stand-in for the socket, not one of ours)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def test_an_answers_small_writes_go_out_as_one_and_large_ones_at_once() -> None:
+    async def go() -> _Recording:
+        raw = _Recording()
+        t = _OneWritePerTurn(raw, asyncio.get_running_loop())
+        t.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        t.write(b"body")
+        assert raw.writes == []  # gathered until the turn ends
+        await asyncio.sleep(0)
+        assert raw.writes == [b"HTTP/1.1 200 OK\r\n\r\nbody"]
+        t.write(b"head")
+        big = b"x" * (JOIN_MAX_BYTES + 1)
+        t.write(big)  # too large to gather: what was gathered, then it, at once (flow control sees it)
+        assert raw.writes[1:] == [b"head", big]
+        t.write(b"last")
+        t.close()  # closing writes what was gathered first
+        assert raw.writes[3:] == [b"last"] and raw.closed
+        assert t.is_closing()  # everything else is the transport's
+        return raw
+
+    raw = asyncio.run(go())
+    assert len(raw.writes) == 4

@@ -264,6 +264,7 @@ def create_cloud_app(
 
     api.include_router(probe_router)  # behind the same token
     app.include_router(api)
+    app.state.direct_routes.update({("POST", "/v1/offload"): offload, ("POST", "/v1/classify"): classify})
     return app
 
 

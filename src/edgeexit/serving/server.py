@@ -56,7 +56,60 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+JOIN_MAX_BYTES = 64 << 10  # an answer's writes gathered into one, up to this much (_OneWritePerTurn)
+
 _PROTOCOL = "edgeexit.serving.server:LimitedHttpProtocol"  # a string: uvicorn's workers import it themselves
+
+
+class _OneWritePerTurn:
+    """A transport that joins the small writes of one event-loop turn into one write.
+
+    uvicorn writes an answer's status line and headers, then its body, as two writes: two segments, and on
+    loopback a client woken twice for one small answer (the edge's client joins its request's writes for the
+    same reason; serving.client._OneWrite). Here the writes an answer makes without waiting are gathered and
+    written together just after, at the end of the turn. A write that would gather more than JOIN_MAX_BYTES goes
+    out at once (after what was gathered), so a large or streamed answer keeps the transport's flow control.
+    Everything but writing and closing is the transport's.
+    """
+
+    __slots__ = ("_transport", "_loop", "_pending", "_size")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        if self._size + len(data) > JOIN_MAX_BYTES:
+            self._flush()
+            self._transport.write(data)
+            return
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+        self._size += len(data)
+
+    def _flush(self) -> None:
+        pending, self._pending, self._size = self._pending, [], 0
+        if not pending or self._transport.is_closing():
+            return
+        self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def abort(self) -> None:
+        self._pending, self._size = [], 0
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class LimitedHttpProtocol(HttpToolsProtocol):
@@ -67,7 +120,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     `h11_max_incomplete_event_size` (uvicorn's own setting for its other parser): a head still incomplete
     after that many bytes is answered 431. Only reads that hold nothing but head bytes count (not the read
     where a request began, nor the one where the last one's body ended), so a body is never counted as head;
-    a head buffers at most the bound plus two reads.
+    a head buffers at most the bound plus two reads. An answer's head and body go out in one write
+    (`_OneWritePerTurn`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -83,6 +137,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.transport = _OneWritePerTurn(transport, self.loop)  # type: ignore[assignment]
         self._arm_head_timer()
 
     def _arm_head_timer(self) -> None:
