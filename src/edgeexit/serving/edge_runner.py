@@ -272,9 +272,9 @@ class Runner(ABC):
         macs: int | None = None,
     ) -> EdgeAnswer:
         label = int(d.label[0])
-        # Built without validation: every value is ours and already typed (validating cost ~15 us a call,
-        # a tenth of an exit-1 answer at 32 px on ONNX Runtime).
-        return EdgeAnswer.model_construct(
+        # Validated: pydantic-core's validator (~1.5 us) costs less than `model_construct`'s Python loop over the
+        # fields (~3 us, and more with cold caches between requests).
+        return EdgeAnswer(
             label=label,
             class_name=self.spec.class_names[label],
             confidence=float(d.confidence[0]),
