@@ -8,7 +8,7 @@ row-independent, so both paths take the same decisions for the same inputs.
 The rules compute in numpy whatever the inputs: torch tensors (the sweep) are viewed as numpy arrays without a
 copy and the decision comes back as tensors; numpy arrays (the edge runner) stay numpy. One implementation
 on one library is what makes the two paths bit-identical (torch and numpy round log and sums differently),
-and numpy is about 3x cheaper than torch per operation on the edge's [1, C] arrays.
+and on the edge's [1, C] arrays a numpy decision costs about a third of a torch one.
 
 Deviation from the paper's Eq. 1: the ensemble weights (each branch's *validation* accuracy) are
 renormalised to sum to 1 over the k branches used, so the ensemble's confidence is a probability

@@ -11,8 +11,10 @@ same for every backend.
 
 The edge runner steps through the edge with `edge_input` and `edge_probs`, which by default are the above plus
 `calibrate`; a backend may override both to keep its own array type from stage to stage (runtime onnx stays in
-numpy, where a batch-1 image's normalisation and softmax cost a third of torch's). Two backends: PyTorch (`TorchRuntime`, "torch") and ONNX Runtime (`OnnxRuntime`,
-"onnx", one graph per piece, in `edgeexit.onnx_runtime`; onnxruntime is imported only when it loads a run).
+numpy: on one batch-1 image torch's per-operation cost dominated these steps).
+
+Two backends: PyTorch (`TorchRuntime`, "torch") and ONNX Runtime (`OnnxRuntime`, "onnx", one graph per piece,
+in `edgeexit.onnx_runtime`; onnxruntime is imported only when it loads a run).
 """
 
 from __future__ import annotations
