@@ -3,7 +3,8 @@
 `EdgeRunner` (an edge policy) preprocesses an image (`spec.preprocessing`), runs stage i and branch i through
 the runtime and calibrates (`Runtime.edge_input`/`edge_probs`: `inference.calibrate`, or its numpy twin on
 runtime onnx), and asks the policy (`policy.policy_for`, the sweep's code, on numpy arrays) whether to stop;
-when no branch up to k is confident it sends the stage-k tensor to the cloud and returns its answer. `ConventionalRunner`, the cloud-only model role, sends the image itself to the conventional DNN.
+when no branch up to k is confident it sends the stage-k tensor to the cloud and returns its answer.
+`ConventionalRunner`, the cloud-only model role, sends the image itself to the conventional DNN.
 
 Failures lose nothing: when the cloud is unreachable, misses the offload deadline, answers 5xx after retries,
 refuses the payload, answers something unusable (not JSON, a label outside the model's classes, a confidence
