@@ -13,8 +13,12 @@ directory is saved and exported (`edgeexit export`), then three things are timed
 
 Two paths: "exit 1" (alpha = 0: every image answers at the first branch) and "branch k" (alpha = 2 and no
 cloud: no branch is confident, stages 1..k and exits 1..k run, the runner falls back to the edge's answer).
-The three are interleaved (order rotating every repeat) and timed with `time.process_time` (CPU time of the
-whole process, so no thread's work is missed); medians are compared.
+The three are interleaved, the order going through every permutation so that each follows each of the others
+equally often, and timed with `time.process_time` (CPU time of the whole process, so no thread's work is
+missed); medians are compared. (A plain rotation let runner onnx always follow runner torch, whose eager torch
+evicts ONNX Runtime's weights from the caches: that alone cost it ~80 us a call at 32 px, and bare onnx none.)
+The runner normalises and calibrates in numpy on runtime onnx; bare onnx stays what a user writes with the
+public API (torch normalise, `session.run`, torch softmax).
 
 Targets (issue 10): runner torch / runner onnx >= 3x at 32 px and >= 2.5x at 224 px; runner onnx / bare onnx
 <= 1.15 (the runner's overhead at most 15%).
@@ -25,6 +29,7 @@ Targets (issue 10): runner torch / runner onnx >= 3x at 32 px and >= 2.5x at 224
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import statistics
 import tempfile
@@ -72,15 +77,16 @@ def bare_sessions(root: Path, threads: int) -> list[ort.InferenceSession]:
 
 
 def cpu_medians(fns: dict[str, Callable[[int], object]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median CPU ms of each function, called interleaved with the order rotating every repeat."""
+    """Median CPU ms of each function, called interleaved in every order in turn (each follows each other
+    equally often: what runs before a call decides what is left in the caches)."""
     names = list(fns)
+    orders = list(itertools.permutations(names))
     for r in range(warmup):
         for name in names:
             fns[name](r)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in orders[r % len(orders)]:
             t0 = time.process_time()
             fns[name](r)
             times[name].append(time.process_time() - t0)

@@ -15,6 +15,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,7 +24,15 @@ from edgeexit.errors import UserError
 from edgeexit.model.spec import ModelSpec
 from edgeexit.progress import progress
 
-__all__ = ["calibrate", "calibrated_probs", "eval_mode", "batch_logits", "exit_probabilities", "device_of"]
+__all__ = [
+    "calibrate",
+    "calibrate_numpy",
+    "calibrated_probs",
+    "eval_mode",
+    "batch_logits",
+    "exit_probabilities",
+    "device_of",
+]
 
 
 def calibrate(logits: torch.Tensor, temperature: float | None) -> torch.Tensor:
@@ -31,6 +40,15 @@ def calibrate(logits: torch.Tensor, temperature: float | None) -> torch.Tensor:
     if temperature is None:
         return torch.softmax(logits, dim=-1)
     return torch.softmax(logits / float(temperature), dim=-1)
+
+
+def calibrate_numpy(logits: np.ndarray, temperature: float | None) -> np.ndarray:
+    """`calibrate` in numpy (runtime onnx's edge path): the same formula in the logits' precision; it agrees
+    with torch's softmax to rounding (~1e-7 in float32), not bit for bit."""
+    z = logits if temperature is None else logits / logits.dtype.type(temperature)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    e /= e.sum(axis=-1, keepdims=True)
+    return e
 
 
 def calibrated_probs(

@@ -10,7 +10,8 @@
 Every graph carries the content hash of the checkpoint it was exported from in its metadata
 (`edgeexit.model_hash`); loading refuses a graph whose hash is not the run's (a run retrained or recalibrated
 after its export), so the hash the wire and the cloud check always names the weights that really compute.
-Inputs and outputs stay torch tensors at the seam (numpy views both ways); outputs are raw logits.
+Inputs and outputs stay torch tensors at the seam (numpy views both ways); outputs are raw logits. The edge
+runner's steps (`edge_input`, `edge_probs`) stay in numpy from the uint8 image to the probabilities.
 
 onnxruntime is imported only in `OnnxRuntime.from_run`: importing this module (which `edgeexit.runtime`
 does, to register the name) costs nothing.
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from edgeexit.errors import UserError
+from edgeexit.inference import calibrate_numpy
 from edgeexit.model.costs import CostTable
 from edgeexit.model.spec import ModelSpec
 from edgeexit.rundir import RunDir
@@ -114,9 +116,13 @@ class _Graph:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         arr = (x.detach() if x.requires_grad else x).numpy()
+        return [torch.from_numpy(a) for a in self.run_numpy(arr)]
+
+    def run_numpy(self, arr: np.ndarray) -> list[np.ndarray]:
+        """The graph on a numpy array: its outputs as numpy arrays."""
         if arr.dtype != np.float32 or not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr, dtype=np.float32)
-        return [torch.from_numpy(a) for a in self._run(self.outputs, {self.input: arr}, None)]
+        return self._run(self.outputs, {self.input: arr}, None)
 
 
 def session_options(ort: Any, threads: int) -> Any:
@@ -181,6 +187,7 @@ class OnnxRuntime(Runtime):
         self.conventional_spec = conventional_spec
         self.conventional_macs = conventional_macs
         self.threads = threads
+        self._temperatures = [spec.temperature(i) for i in range(1, spec.num_branches + 1)]
 
     @classmethod
     def from_run(
@@ -251,6 +258,17 @@ class OnnxRuntime(Runtime):
             raise ValueError(f"edge stage i must be in 1..{len(self._edge)}, got {i}")
         h, logits = self._edge[i - 1](x)
         return h, logits
+
+    def edge_input(self, x: torch.Tensor) -> np.ndarray:
+        """`Runtime.edge_input` in numpy: the same float32 values, without torch's per-operation cost."""
+        return self.preprocessing.normalize_numpy(x.numpy())[None]
+
+    def edge_probs(self, i: int, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`Runtime.edge_probs` in numpy: graph `edge_stage_<i>`, then `inference.calibrate_numpy`."""
+        if not 1 <= i <= len(self._edge):
+            raise ValueError(f"edge stage i must be in 1..{len(self._edge)}, got {i}")
+        h, logits = self._edge[i - 1].run_numpy(h)
+        return h, calibrate_numpy(logits, self._temperatures[i - 1])
 
     def cloud_part(self, h: torch.Tensor, k: int) -> torch.Tensor:
         """Graph `cloud_part_<k>`: the stages after k and the final head."""

@@ -5,6 +5,11 @@ edge answers now. The offline path (`apply_policy`) calls it for i = 1..k on a w
 edge runner calls it after each branch with batch size 1 and stops at the first stop. Decisions are
 row-independent, so both paths take the same decisions for the same inputs.
 
+The rules compute in numpy whatever the inputs: torch tensors (the sweep) are viewed as numpy arrays without a
+copy and the decision comes back as tensors; numpy arrays (the edge runner) stay numpy. One implementation
+on one library is what makes the two paths bit-identical (torch and numpy round log and sums differently),
+and on the edge's [1, C] arrays a numpy decision costs about a third of a torch one.
+
 Deviation from the paper's Eq. 1: the ensemble weights (each branch's *validation* accuracy) are
 renormalised to sum to 1 over the k branches used, so the ensemble's confidence is a probability
 and can be compared with alpha in [0, 1]. The paper's own rule, p_E = sum_i Acc_i p_i with the raw
@@ -17,7 +22,9 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
+import numpy as np
 import torch
 
 from edgeexit.errors import UserError
@@ -33,13 +40,20 @@ WEIGHTED = ("ensemble", "ensemble-unnormalised")
 STRATEGIES = (*POLICY_NAMES, CONVENTIONAL)
 
 
+# What the policies take and give: torch tensors (the sweep) or numpy arrays (the edge runner).
+Array: TypeAlias = torch.Tensor | np.ndarray
+
+
 @dataclass
 class Decision:
-    """Per-sample decision after one edge exit: stop there or not, with the label and confidence it gives."""
+    """Per-sample decision after one edge exit: stop there or not, with the label and confidence it gives.
 
-    stop: torch.Tensor  # bool [B]: answer at the edge now
-    label: torch.Tensor  # int64 [B]
-    confidence: torch.Tensor  # float32 [B]
+    Numpy arrays when the probabilities were numpy arrays, torch tensors (on the CPU) when they were tensors.
+    """
+
+    stop: Array  # bool [B]: answer at the edge now
+    label: Array  # int64 [B]
+    confidence: Array  # float32 [B]
 
 
 @dataclass
@@ -57,7 +71,7 @@ class Outcome:
         return self.exit != CLOUD
 
 
-def _check_probs(probs: Sequence[torch.Tensor], k: int) -> None:
+def _check_probs(probs: Sequence[Array], k: int) -> None:
     # Programming errors of the caller (sweep or edge runner), not user input: plain ValueError.
     if k < 1:
         raise ValueError(f"k (edge branches) must be >= 1, got {k}")
@@ -75,15 +89,28 @@ def _check_probs(probs: Sequence[torch.Tensor], k: int) -> None:
             )
 
 
-def _max_label(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def as_numpy(p: Array) -> np.ndarray:
+    """`p` as a numpy array: itself, or a CPU tensor's memory without a copy (others are copied to the CPU)."""
+    if isinstance(p, np.ndarray):
+        return p
+    return p.numpy(force=True)
+
+
+def top_label(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(argmax as int64, max in p's own dtype) of [B, C] probabilities; ties go to the lowest class index."""
-    conf, label = p.max(dim=1)
-    return label.to(torch.int64), conf
+    return p.argmax(axis=1).astype(np.int64, copy=False), p.max(axis=1)
 
 
-def _decision(stop: torch.Tensor, label: torch.Tensor, conf: torch.Tensor) -> Decision:
-    # The threshold is compared in the probabilities' own precision; only the reported value is float32.
-    return Decision(stop=stop, label=label, confidence=conf.to(torch.float32))
+def _decision(stop: np.ndarray, label: np.ndarray, conf: np.ndarray) -> Decision:
+    # The threshold was compared in the probabilities' own precision; only the reported value is float32.
+    return Decision(stop=stop, label=label, confidence=conf.astype(np.float32, copy=False))
+
+
+def _at_least(x: np.ndarray, threshold: float) -> np.ndarray:
+    """x >= threshold in x's own dtype (the threshold rounded to it, as torch compares with a Python float)."""
+    # Above 1 no probability reaches it whatever the rounding, and rounding a huge one to float32 overflows:
+    # compare in float64 there.
+    return x >= (x.dtype.type(threshold) if threshold <= 1.0 else np.float64(threshold))
 
 
 class Policy(ABC):
@@ -96,9 +123,18 @@ class Policy(ABC):
     def __init__(self, threshold: float) -> None:
         self.threshold = _check_threshold(self.name, threshold)
 
+    def decide(self, probs: Sequence[Array], k: int) -> Decision:
+        """Decision after edge exit i = len(probs) (1 <= i <= k) from the probabilities [B, C] of exits 1..i:
+        numpy arrays for numpy probabilities, torch tensors for tensors."""
+        _check_probs(probs, k)
+        if isinstance(probs[0], np.ndarray):
+            return self.rule(probs, k)  # type: ignore[arg-type]
+        d = self.rule([as_numpy(p) for p in probs], k)
+        return Decision(*(torch.from_numpy(a) for a in (d.stop, d.label, d.confidence)))
+
     @abstractmethod
-    def decide(self, probs: Sequence[torch.Tensor], k: int) -> Decision:
-        """Decision after edge exit i = len(probs) (1 <= i <= k) from the probabilities [B, C] of exits 1..i."""
+    def rule(self, probs: Sequence[np.ndarray], k: int) -> Decision:
+        """The rule itself, in numpy, on checked probabilities [B, C] of exits 1..i (see `decide`)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(threshold={self.threshold})"
@@ -122,11 +158,10 @@ class MaxProbPolicy(Policy):
     name = "ee"
     decides_every_exit = True
 
-    def decide(self, probs: Sequence[torch.Tensor], k: int) -> Decision:
+    def rule(self, probs: Sequence[np.ndarray], k: int) -> Decision:
         """Stop where the current exit's top probability reaches the threshold."""
-        _check_probs(probs, k)
-        label, conf = _max_label(probs[-1])
-        return _decision(conf >= self.threshold, label, conf)
+        label, conf = top_label(probs[-1])
+        return _decision(_at_least(conf, self.threshold), label, conf)
 
 
 @POLICIES.register("entropy")
@@ -141,16 +176,18 @@ class EntropyPolicy(Policy):
         if self.threshold > 1:
             raise UserError(f"entropy threshold must be in [0, 1] (normalised entropy), got {threshold!r}")
 
-    def decide(self, probs: Sequence[torch.Tensor], k: int) -> Decision:
+    def rule(self, probs: Sequence[np.ndarray], k: int) -> Decision:
         """Stop where the current exit's normalised entropy is at most the threshold; confidence = max p."""
-        _check_probs(probs, k)
         p = probs[-1]
-        label, conf = _max_label(p)
+        label, conf = top_label(p)
         num_classes = p.shape[1]
-        entropy = -torch.special.xlogy(p.double(), p.double()).sum(dim=1)  # 0 log 0 = 0
+        p64 = p.astype(np.float64)
+        # p log p with 0 log 0 = 0 (as torch.special.xlogy): the log only where p != 0, 0 elsewhere.
+        log_p = np.log(p64, out=np.zeros_like(p64), where=p64 != 0)
+        entropy = -(p64 * log_p).sum(axis=1)
         # One class: no uncertainty possible; the normalised entropy is 0 by convention.
-        norm = entropy / math.log(num_classes) if num_classes > 1 else torch.zeros_like(entropy)
-        return _decision(norm.clamp(0.0, 1.0) <= self.threshold, label, conf)
+        norm = entropy / math.log(num_classes) if num_classes > 1 else np.zeros_like(entropy)
+        return _decision(np.clip(norm, 0.0, 1.0) <= self.threshold, label, conf)
 
 
 class _EnsemblePolicy(Policy):
@@ -161,19 +198,18 @@ class _EnsemblePolicy(Policy):
     def _weights(self, k: int) -> list[float]:
         raise NotImplementedError
 
-    def decide(self, probs: Sequence[torch.Tensor], k: int) -> Decision:
+    def rule(self, probs: Sequence[np.ndarray], k: int) -> Decision:
         """Before exit k: never stop (current exit's label); at exit k: stop if max p_E >= threshold."""
-        _check_probs(probs, k)
         if len(probs) < k:
-            label, conf = _max_label(probs[-1])
-            return _decision(torch.zeros_like(label, dtype=torch.bool), label, conf)
+            label, conf = top_label(probs[-1])
+            return _decision(np.zeros(label.shape, dtype=np.bool_), label, conf)
         weights = self._weights(k)
-        # Accumulate exit by exit (elementwise) so a batch and a single sample give bit-identical sums.
-        p_e = torch.zeros_like(probs[0], dtype=torch.float64)
+        # Accumulate exit by exit (elementwise) in float64 so a batch and a single sample give bit-identical sums.
+        p_e = np.zeros(probs[0].shape, dtype=np.float64)
         for w, p in zip(weights, probs, strict=True):
-            p_e = p_e + w * p.double()
-        label, conf = _max_label(p_e)
-        return _decision(conf >= self.threshold, label, conf)
+            p_e = p_e + w * p.astype(np.float64)
+        label, conf = top_label(p_e)
+        return _decision(_at_least(conf, self.threshold), label, conf)
 
 
 @POLICIES.register("ensemble")
@@ -319,10 +355,10 @@ def apply_policy(policy: Policy, edge_probs: Sequence[torch.Tensor], final_probs
             f"edge and final batch sizes differ: {edge_probs[0].shape[0]} vs {final_probs.shape[0]}"
         )
 
-    label, confidence = _max_label(final_probs)
-    confidence = confidence.to(torch.float32)
     batch = final_probs.shape[0]
     device = final_probs.device
+    label, confidence = (torch.from_numpy(a).to(device) for a in top_label(as_numpy(final_probs)))
+    confidence = confidence.to(torch.float32)
     exit_ = torch.full((batch,), CLOUD, dtype=torch.int64, device=device)
     heads = torch.full((batch,), k, dtype=torch.int64, device=device)
     pending = torch.ones(batch, dtype=torch.bool, device=device)

@@ -7,8 +7,14 @@
 The edge runner and the cloud app call nothing else, so a second backend plugs in by registering a class
 under `RUNTIMES` without touching policy or serving code. Inputs are normalised float tensors
 (`spec.preprocessing`), outputs raw logits: temperatures are applied by `edgeexit.inference.calibrate`, the
-same for every backend. Two backends: PyTorch (`TorchRuntime`, "torch") and ONNX Runtime (`OnnxRuntime`,
-"onnx", one graph per piece, in `edgeexit.onnx_runtime`; onnxruntime is imported only when it loads a run).
+same for every backend.
+
+The edge runner steps through the edge with `edge_input` and `edge_probs`, which by default are the above plus
+`calibrate`; a backend may override both to keep its own array type from stage to stage (runtime onnx stays in
+numpy: on one batch-1 image torch's per-operation cost dominated these steps).
+
+Two backends: PyTorch (`TorchRuntime`, "torch") and ONNX Runtime (`OnnxRuntime`, "onnx", one graph per piece,
+in `edgeexit.onnx_runtime`; onnxruntime is imported only when it loads a run).
 """
 
 from __future__ import annotations
@@ -16,11 +22,16 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
+from edgeexit.data.preprocess import Preprocessing
 from edgeexit.errors import UserError
+from edgeexit.inference import calibrate
 from edgeexit.model.build import build_model
 from edgeexit.model.checkpoint import SPEC, load_checkpoint, load_spec
 from edgeexit.model.costs import CostTable, cost_table
@@ -73,6 +84,21 @@ class Runtime(ABC):
     def has_conventional(self) -> bool:
         """Whether `conventional` can run (the run has a conventional DNN and this runtime loaded it)."""
         return False
+
+    @cached_property
+    def preprocessing(self) -> Preprocessing:
+        """The EE-DNN's preprocessing, made once (`spec.preprocessing` builds a new one each time)."""
+        return self.spec.preprocessing
+
+    def edge_input(self, x: torch.Tensor) -> Any:
+        """One uint8 image [3, S, S] as stage 1's input [1, 3, S, S], in the array type `edge_probs` takes."""
+        return self.preprocessing.normalize(x).unsqueeze(0)
+
+    def edge_probs(self, i: int, h: Any) -> tuple[Any, np.ndarray]:
+        """The edge runner's step i: `edge_stage` on `h` (from `edge_input` or step i - 1), then `calibrate` with
+        exit i's temperature: (features after stage i, calibrated probabilities [B, C] as a numpy array)."""
+        h, logits = self.edge_stage(i, h)
+        return h, calibrate(logits, self.spec.temperature(i)).numpy(force=True)
 
 
 def measure_conventional_macs(ee_spec: ModelSpec, ee_costs: CostTable, conv_spec: ModelSpec) -> int:

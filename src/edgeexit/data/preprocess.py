@@ -66,6 +66,9 @@ class Preprocessing:
         # mean and std as [3, 1, 1] tensors per device, made once: the edge normalises one image per call,
         # where building them each time cost as much as the arithmetic (BENCHMARKS.md, edge runner).
         object.__setattr__(self, "_stats", {})
+        # The same float32 values for `normalize_numpy` (runtime onnx's edge path stays in numpy).
+        np_stats = tuple(np.array(v, dtype=np.float32).reshape(3, 1, 1) for v in (self.mean, self.std))
+        object.__setattr__(self, "_np_stats", np_stats)
 
     def _stats_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         stats = self._stats.get(device)  # type: ignore[attr-defined]
@@ -112,6 +115,20 @@ class Preprocessing:
             raise UserError(f"normalize expects shape [B,3,H,W] or [3,H,W], got {tuple(x.shape)}")
         mean, std = self._stats_on(x.device)
         return (x.to(torch.float32) / 255.0 - mean) / std
+
+    def normalize_numpy(self, x: np.ndarray) -> np.ndarray:
+        """`normalize` in numpy: uint8 [B,3,H,W] or [3,H,W] -> the same float32 values, as a numpy array."""
+        if not isinstance(x, np.ndarray) or x.dtype != np.uint8:
+            raise UserError(f"normalize expects a uint8 array, got {getattr(x, 'dtype', type(x))}")
+        if x.ndim not in (3, 4) or x.shape[-3] != 3:
+            raise UserError(f"normalize expects shape [B,3,H,W] or [3,H,W], got {tuple(x.shape)}")
+        mean, std = self._np_stats  # type: ignore[attr-defined]
+        # The same operations in the same order and precision as `normalize`: bit-identical results.
+        out = x.astype(np.float32, order="C")
+        out /= np.float32(255.0)
+        out -= mean
+        out /= std
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (travels in the model spec)."""

@@ -256,7 +256,6 @@ def fit_cost_model(
     from edgeexit.data.distortions import distort
     from edgeexit.data.preprocess import load_uint8
     from edgeexit.experiment.servers import cloud_server_process
-    from edgeexit.inference import calibrate
     from edgeexit.onnx_export import ensure_onnx_export
     from edgeexit.policy import POLICY_NAMES, spec_policy
     from edgeexit.runtime import load_runtime
@@ -301,22 +300,21 @@ def fit_cost_model(
         # edge: decode + preprocess, then each stage with its head and calibration, on real images
         decode, stages = [], [[] for _ in range(n)]
         hs: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        probs_of: list[list[torch.Tensor]] = []
+        probs_of: list[list[np.ndarray]] = []
         for _ in range(repeats):
             for data in pngs:
                 time.sleep(GAP_S)
                 t0 = time.perf_counter()
-                x = prep.normalize(prep.to_uint8(decode_image(data))).unsqueeze(0)
+                x = rt.edge_input(prep.to_uint8(decode_image(data)))
                 decode.append((time.perf_counter() - t0) * 1e3)
                 h, probs = x, []
-                for i in range(1, n + 1):
+                for i in range(1, n + 1):  # the runner's own steps (Runtime.edge_probs), as it calls them
                     t0 = time.perf_counter()
-                    h, logits = rt.edge_stage(i, h)
-                    p = calibrate(logits, spec.temperature(i))
+                    h, p = rt.edge_probs(i, h)
                     stages[i - 1].append((time.perf_counter() - t0) * 1e3)
                     probs.append(p)
                     if len(hs[i - 1]) < len(pngs):
-                        hs[i - 1].append(h)
+                        hs[i - 1].append(torch.as_tensor(h))
                 if len(probs_of) < len(pngs):
                     probs_of.append(probs)
 
