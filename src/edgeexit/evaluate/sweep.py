@@ -415,7 +415,8 @@ def _sweep(
 
     columns = RecordColumns()
     for level in progress(grid.levels, desc=f"evaluate {grid.distortion}", unit="level", leave=True):
-        threads.adapt()  # on a shared machine, fewer threads than cores (edgeexit.threads)
+        if processes == 1:  # computing here: on a shared machine, fewer threads than cores (edgeexit.threads)
+            threads.adapt()
         where = {"dataset": cfg.dataset.name, "distortion": grid.distortion, "level": float(level)}
         ee_probs, conv_probs = level_probabilities(run, models, inputs, level)
         blocks = {
