@@ -22,6 +22,7 @@ def two_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
     finally:
         threads._auto.clear()
+        threads._fixed.clear()
         torch.set_num_threads(before)
 
 
@@ -84,3 +85,18 @@ def test_the_real_proc_is_read() -> None:
 def test_bad_thread_counts_are_refused(bad: object) -> None:
     with pytest.raises(UserError, match="threads must be an integer >= 1"):
         threads.set_threads(bad)  # type: ignore[arg-type]
+
+
+def test_independent_work_gets_one_single_thread_process_per_thread_of_the_budget(
+    two_threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert threads.processes_for(10) == 1  # never configured (the Python API): one process, as before
+    _load(monkeypatch, 4)
+    threads.set_threads(None)  # adaptive: the budget is torch's default, whatever the load now
+    assert threads.processes_for(10) == 2
+    assert threads.processes_for(1) == 1  # never more processes than pieces of work
+    threads.set_threads(3)
+    assert threads.processes_for(10) == 3 and threads.processes_for(2) == 2
+    with threads.threads_for(1):
+        assert threads.processes_for(10) == 1
+    assert threads.processes_for(10) == 3  # the fixed budget is back after the block

@@ -3,7 +3,8 @@
 EdgeExitError
 ├── UserError        bad input from the user (unknown name, bad path, malformed value)
 ├── PayloadError     an offload body that is not a valid payload (serving.wire)
-└── OffloadFailed    the cloud gave no usable answer (serving.client)
+├── OffloadFailed    the cloud gave no usable answer (serving.client)
+└── WorkerFailed     a worker process of the sweep died or raised (evaluate.parallel)
 """
 
 __all__ = ["EdgeExitError", "UserError"]

@@ -15,6 +15,7 @@ that it finished.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import IO, Any, Generic, TypeVar
 
 from tqdm import tqdm
 
-__all__ = ["progress", "LogProgress", "default_interval", "is_tty"]
+__all__ = ["progress", "LogProgress", "default_interval", "is_tty", "silence"]
 
 
 class _MainRankOnly(logging.Filter):
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 log.addFilter(_MainRankOnly())
 
 T = TypeVar("T")
+_silenced: list[bool] = []  # non-empty: this process shows no progress at all (see `silence`)
 INTERVAL_ENV = "EDGEEXIT_PROGRESS_INTERVAL"
 DEFAULT_INTERVAL = 60.0
 _FORMAT = "{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%) [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
@@ -128,6 +130,11 @@ class LogProgress(Generic[T]):
             self._log(self.clock())
 
 
+def silence() -> None:
+    """Show no progress in this process from now on: a worker process whose parent reports for it."""
+    _silenced.append(True)
+
+
 def progress(
     iterable: Iterable[T],
     *,
@@ -151,6 +158,8 @@ def progress(
             total = len(iterable)  # type: ignore[arg-type]
         except TypeError:
             total = None
+    if _silenced:  # no tqdm at all: a forked worker must not touch the lock tqdm's monitor thread takes
+        return LogProgress(iterable, total, desc, unit, math.inf, logger or log)
     out = sys.stderr if stream is None else stream
     if not enabled or is_tty(out):
         return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, leave=leave, file=out)

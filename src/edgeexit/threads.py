@@ -17,6 +17,15 @@ sweep, interleaved). So the commands adapt the thread count instead and leave th
   left out) and uses one thread per CPU left free, at least one and at most torch's default.
 - Servers and the edge runner use one intra-op thread per worker (`SERVER_THREADS`): their batches are small, a
   second thread buys little, and it would compete with the other worker or the edge process for the same cores.
+
+Even one thread gets only its share of a busy machine: beside 3 busy processes on 2 cores, half a core, where a
+quiet run uses about 1.6. Work that splits into independent pieces (the sweep's distortion levels,
+edgeexit.evaluate.parallel) therefore runs in several single-thread processes, which do not wait on each other
+(`processes_for`): as many as the budget, at most one per piece. The budget is N with `--threads N`, torch's
+default thread count when adaptive (the cores, or OMP_NUM_THREADS), and 1 (one process, as before) when the
+process never called `set_threads` (the Python API, unless it opts in). One thread each, because the workers
+are forked and GNU OpenMP cannot start threads in a child forked after its parent used them; with fewer pieces
+than the budget the rest of it stays unused.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ __all__ = [
     "adapt",
     "busy_elsewhere",
     "check_threads",
+    "processes_for",
     "set_threads",
     "threads_for",
 ]
@@ -41,6 +51,7 @@ log = logging.getLogger(__name__)
 
 SERVER_THREADS = 1
 _auto: dict[str, int] = {}  # when adaptive: {"most": torch's default thread count}
+_fixed: dict[str, int] = {}  # when fixed by set_threads(N): {"n": N}
 
 
 def check_threads(n: object, what: str = "threads") -> int:
@@ -58,10 +69,18 @@ def set_threads(n: int | None) -> int:
 
     if n is not None:
         _auto.clear()
-        torch.set_num_threads(check_threads(n))
+        _fixed["n"] = check_threads(n)
+        torch.set_num_threads(n)
         return n
+    _fixed.clear()
     _auto.setdefault("most", torch.get_num_threads())
     return adapt()
+
+
+def processes_for(tasks: int) -> int:
+    """How many single-thread processes share `tasks` independent pieces of work; see the module docstring."""
+    budget = _fixed.get("n") or _auto.get("most") or 1
+    return max(1, min(budget, tasks))
 
 
 def _runnable_now() -> int | None:
@@ -121,9 +140,12 @@ def threads_for(n: int) -> Iterator[int]:
     back to the number, and the adaptive mode, used before."""
     import torch
 
-    before, auto = torch.get_num_threads(), dict(_auto)
+    before, auto, fixed = torch.get_num_threads(), dict(_auto), dict(_fixed)
     try:
         yield set_threads(n)
     finally:
         torch.set_num_threads(before)
+        _auto.clear()
         _auto.update(auto)
+        _fixed.clear()
+        _fixed.update(fixed)

@@ -26,7 +26,7 @@ from edgeexit.inference import exit_probabilities
 from edgeexit.model.spec import ModelSpec
 from edgeexit.rundir import RunDir
 
-__all__ = ["cached_probabilities", "cache_path", "sample_digest", "CACHE_FORMAT"]
+__all__ = ["cached_probabilities", "cache_path", "is_cached", "load_cached", "sample_digest", "CACHE_FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,38 @@ def _load_hit(path: Path, meta: dict[str, str], n_exits: int) -> list[torch.Tens
     return probs  # type: ignore[return-value]
 
 
+def _check_key(level_key: dict) -> None:
+    missing = [key for key in ("distortion", "level", "sample_ids") if key not in level_key]
+    if missing:
+        raise ValueError(f"level_key lacks {missing}; needs distortion, level and sample_ids")
+
+
+def is_cached(run: RunDir, which: str, spec: ModelSpec, level_key: dict) -> bool:
+    """Whether the cache holds these probabilities: metadata and every exit's shape, read from the header alone."""
+    _check_key(level_key)
+    meta = _metadata(which, spec, level_key, spec.num_exits)
+    path = cache_path(run, spec, meta["distortion"], float(level_key["level"]))
+    try:
+        with path.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    except (OSError, ValueError):
+        return False
+    n = int(meta["n"])
+    shapes = [header.get(f"exit_{i}", {}).get("shape") for i in range(1, spec.num_exits + 1)]
+    return header.get("__metadata__") == meta and all(
+        isinstance(s, list) and len(s) == 2 and s[0] == n for s in shapes
+    )
+
+
+def load_cached(run: RunDir, which: str, spec: ModelSpec, level_key: dict) -> list[torch.Tensor] | None:
+    """The cached probabilities of every exit (final last) for `level_key`; None when the cache lacks them."""
+    _check_key(level_key)
+    meta = _metadata(which, spec, level_key, spec.num_exits)
+    return _load_hit(
+        cache_path(run, spec, meta["distortion"], float(level_key["level"])), meta, spec.num_exits
+    )
+
+
 def cached_probabilities(
     run: RunDir,
     which: str,
@@ -99,9 +131,7 @@ def cached_probabilities(
     """
     if not spec.content_hash:
         raise ValueError("the model spec has no content hash: save the checkpoint before caching its outputs")
-    missing = [key for key in ("distortion", "level", "sample_ids") if key not in level_key]
-    if missing:
-        raise ValueError(f"level_key lacks {missing}; needs distortion, level and sample_ids")
+    _check_key(level_key)
     n_ids = len(np.asarray(level_key["sample_ids"]).reshape(-1))
     if n_ids != images_uint8.shape[0]:
         raise ValueError(f"{n_ids} sample ids for {images_uint8.shape[0]} images")

@@ -29,17 +29,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 from edgeexit import threads
 from edgeexit.atomic import atomic_write_bytes
 from edgeexit.config import RunConfig
-from edgeexit.data.distortions import check_level, distort
+from edgeexit.data.distortions import check_level
 from edgeexit.data.preprocess import load_uint8
 from edgeexit.devices import resolve_device
 from edgeexit.errors import UserError
 from edgeexit.evaluate.aggregate import summarize
-from edgeexit.evaluate.cache import cached_probabilities
+from edgeexit.evaluate.cache import is_cached
+from edgeexit.evaluate.parallel import (
+    LevelInputs,
+    LevelPool,
+    SweepModels,
+    level_probabilities,
+    sweep_processes,
+)
 from edgeexit.evaluate.records import (
     RECORD_COLUMNS,
     RECORD_DTYPES,
@@ -277,10 +283,8 @@ def conventional_columns(
     return out
 
 
-def _load_models(
-    run: RunDir, cfg: RunConfig
-) -> tuple[nn.Module, ModelSpec, nn.Module | None, ModelSpec | None]:
-    """The EE-DNN and (when the run has one) the conventional DNN, calibrating the run first if needed."""
+def _load_models(run: RunDir, cfg: RunConfig, use_conv: bool) -> SweepModels:
+    """The EE-DNN and (when `use_conv`) the conventional DNN, calibrating the run first if needed."""
     has_conv = (run.conventional / SPEC).is_file()
     net, spec = load_checkpoint(run.ee)
     conv_net, conv_spec = load_checkpoint(run.conventional) if has_conv else (None, None)
@@ -291,7 +295,7 @@ def _load_models(
         calibrate_run(run.root, cfg)
         net, spec = load_checkpoint(run.ee)
         conv_net, conv_spec = load_checkpoint(run.conventional) if has_conv else (None, None)
-    return net, spec, conv_net, conv_spec
+    return SweepModels(net, spec, conv_net, conv_spec) if use_conv else SweepModels(net, spec)
 
 
 def evaluate_run(
@@ -331,9 +335,45 @@ def evaluate_run(
         for key, v in given.items()
         if v is not None
     )
-    exp = cfg.experiment
     grid = grid_of(cfg, load_spec(run.ee).num_branches)  # against the spec alone (cheap), before any model
-    net, spec, conv_net, conv_spec = _load_models(run, cfg)
+    strategies_used = grid.strategies
+    if CONVENTIONAL in strategies_used and not (run.conventional / SPEC).is_file():
+        log.warning("no conventional DNN in %s: skipping strategy 'conventional'", run.conventional)
+        strategies_used = tuple(s for s in strategies_used if s != CONVENTIONAL)
+        if not strategies_used:
+            raise UserError(
+                f"only strategy 'conventional' asked for, but {run.conventional} has no checkpoint"
+            )
+    use_conv = CONVENTIONAL in strategies_used
+    models = _load_models(run, cfg, use_conv)
+    columns = _sweep(run, cfg, grid, strategies_used, models, resolve_device(cfg.train.device), limit)
+    records = columns.frame()  # one DataFrame for the whole grid
+    summary = summarize(records)
+    write_records(records, run.records)
+    atomic_write_bytes(run.summary, summary.to_csv(index=False).encode())
+    log.info(
+        "wrote %d records to %s and %d summary rows to %s",
+        len(records),
+        run.records,
+        len(summary),
+        run.summary,
+    )
+    return records, summary
+
+
+def _sweep(
+    run: RunDir,
+    cfg: RunConfig,
+    grid: Grid,
+    strategies_used: tuple[str, ...],
+    models: SweepModels,
+    device: torch.device,
+    limit: int | None,
+) -> RecordColumns:
+    """The records of every level: the levels missing from the cache computed first (in several processes
+    when `threads.processes_for` allows, see evaluate.parallel), then the policies evaluated level by level."""
+    exp = cfg.experiment
+    net, spec, conv_net, conv_spec = models.net, models.spec, models.conv_net, models.conv_spec
     if "ensemble" in grid.strategies and not spec.ensemble_weights:
         raise UserError(
             f"strategy 'ensemble' needs ensemble weights in {run.ee}/{SPEC}: run `edgeexit calibrate`"
@@ -342,15 +382,7 @@ def evaluate_run(
         raise UserError(
             f"strategy 'ensemble-unnormalised' needs exit_val_accuracy in {run.ee}/{SPEC}: run `edgeexit calibrate`"
         )
-    strategies_used = grid.strategies
-    if CONVENTIONAL in strategies_used and conv_net is None:
-        log.warning("no conventional DNN in %s: skipping strategy 'conventional'", run.conventional)
-        strategies_used = tuple(s for s in strategies_used if s != CONVENTIONAL)
-        if not strategies_used:
-            raise UserError(
-                f"only strategy 'conventional' asked for, but {run.conventional} has no checkpoint"
-            )
-    use_conv = CONVENTIONAL in strategies_used
+    use_conv = conv_net is not None
     policies = [s for s in strategies_used if s != CONVENTIONAL]
     ds, split, _ = prepare_data(cfg, run)
     if spec.num_classes != len(ds.class_names):
@@ -359,7 +391,6 @@ def evaluate_run(
         )
     ids = np.asarray(split.test, dtype=np.int64)[:limit]
     labels = ds.labels[ids]
-    seeds = ids.tolist()  # distortion noise seeded by sample id: the online run draws the same noise
 
     images = load_uint8(ds, ids, spec.preprocessing)
     costs = cost_table(net, spec.input_size)  # measured on the CPU before moving to the device
@@ -368,21 +399,26 @@ def evaluate_run(
         assert conv_net is not None and conv_spec is not None
         conv_costs = cost_table(conv_net, conv_spec.input_size)
         conv_macs, conv_input_bytes = conv_costs.total_macs, conv_costs.input_bytes
-        same_input = conv_spec.preprocessing == spec.preprocessing
-        conv_images = images if same_input else load_uint8(ds, ids, conv_spec.preprocessing)
+        if conv_spec.preprocessing != spec.preprocessing:
+            conv_images = load_uint8(ds, ids, conv_spec.preprocessing)
     payload = payload_table(costs, exp.precision, conv_input_bytes)
-    device = resolve_device(cfg.train.device)
     net.to(device)
     if use_conv:
         conv_net.to(device)  # type: ignore[union-attr]
+    inputs = LevelInputs(grid.distortion, ids, images, conv_images, exp.batch_size)
+
+    todo = [lv for lv in grid.levels if not _cached(run, models, inputs, lv)]
+    processes = sweep_processes(len(todo), device)
+    if processes > 1:
+        pool = LevelPool(run, models, inputs, todo, workers=processes - 1)
+        pool.fill(desc=f"evaluate {grid.distortion} ({processes} processes)")
 
     columns = RecordColumns()
     for level in progress(grid.levels, desc=f"evaluate {grid.distortion}", unit="level", leave=True):
-        threads.adapt()  # on a shared machine, fewer threads than cores (edgeexit.threads)
-        key = {"distortion": grid.distortion, "level": level, "sample_ids": ids}
+        if processes == 1:  # computing here: on a shared machine, fewer threads than cores (edgeexit.threads)
+            threads.adapt()
         where = {"dataset": cfg.dataset.name, "distortion": grid.distortion, "level": float(level)}
-        x = distort(images, grid.distortion, level, seeds=seeds)
-        ee_probs = cached_probabilities(run, "ee", net, spec, x, key, exp.batch_size)
+        ee_probs, conv_probs = level_probabilities(run, models, inputs, level)
         blocks = {
             s: policy_columns(
                 ee_probs,
@@ -398,11 +434,7 @@ def evaluate_run(
             )
             for s in policies
         }
-        if use_conv:
-            cx = x if conv_images is images else distort(conv_images, grid.distortion, level, seeds=seeds)
-            conv_probs = cached_probabilities(
-                run, "conventional", conv_net, conv_spec, cx, key, exp.batch_size
-            )
+        if conv_probs is not None:
             blocks[CONVENTIONAL] = conventional_columns(
                 conv_probs[-1],
                 labels,
@@ -415,15 +447,11 @@ def evaluate_run(
             )
         for s in strategies_used:  # rows in the grid's order of strategies
             columns.extend(blocks[s])
-    records = columns.frame()  # one DataFrame for the whole grid
-    summary = summarize(records)
-    write_records(records, run.records)
-    atomic_write_bytes(run.summary, summary.to_csv(index=False).encode())
-    log.info(
-        "wrote %d records to %s and %d summary rows to %s",
-        len(records),
-        run.records,
-        len(summary),
-        run.summary,
-    )
-    return records, summary
+    return columns
+
+
+def _cached(run: RunDir, models: SweepModels, inputs: LevelInputs, level: float) -> bool:
+    """Whether every model's probabilities at `level` are in the cache already."""
+    key = {"distortion": inputs.distortion, "level": level, "sample_ids": inputs.ids}
+    specs = [("ee", models.spec)] + ([("conventional", models.conv_spec)] if models.conv_spec else [])
+    return all(is_cached(run, which, s, key) for which, s in specs)
