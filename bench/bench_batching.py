@@ -11,7 +11,8 @@ before).
 
 Printed per size: req/s at 16 clients (batched / unbatched, target >= 3x at 32 px and >= 1.8x at 224 px), the
 1-client p50 (batched within 10% of unbatched), the mean rows per batch, and the achieved req/s as a fraction
-of the bare batched compute rate (`CloudRunner.finish_many` on batches of `--clients` rows, in-process).
+of the bare batched compute rate (`CloudRunner.finish_many` on batches of `--clients` rows, in-process), and that
+rate over the bare batch-1 rate: the most batching can gain in compute alone.
 
     python bench/bench_batching.py [--runtime onnx|torch] [--sizes 32 224] [--clients 16] [--seconds 6] [--rounds 2]
 """
@@ -245,14 +246,16 @@ def main() -> None:
                 proc.wait(timeout=20)
         med = {key: {m: statistics.median(r[m] for r in rs) for m in rs[0]} for key, rs in res.items()}
         bare = bare_rate(run, h, args.k, args.clients, args.runtime)
+        bare1 = bare_rate(run, h, args.k, 1, args.runtime)
         b, u = med[("batched", args.clients)], med[("unbatched", args.clients)]
         b1, u1 = med[("batched", 1)], med[("unbatched", 1)]
-        out[size] = {"batched": b, "unbatched": u, "batched1": b1, "unbatched1": u1, "bare": bare}
+        out[size] = {"batched": b, "unbatched": u, "batched1": b1, "unbatched1": u1, "bare": bare, "bare1": bare1}
         print(
             f"{size} px, k={args.k}, runtime {args.runtime}, {args.load_generator} load: {args.clients} clients {b['rps']:.0f} vs {u['rps']:.0f} req/s "
             f"({b['rps'] / u['rps']:.2f}x), {b['rows']:.1f} rows per batch; 1 client p50 {b1['p50']:.2f} vs "
             f"{u1['p50']:.2f} ms ({b1['p50'] / u1['p50']:.2f}x); bare batched compute {bare:.0f} samples/s, "
-            f"achieved {b['rps'] / bare:.0%} of it",
+            f"achieved {b['rps'] / bare:.0%} of it; at batch 1 {bare1:.0f} samples/s (batching can gain at most "
+            f"{bare / bare1:.2f}x in compute)",
             flush=True,
         )
     print(json.dumps({str(k): v for k, v in out.items()}, indent=1))

@@ -96,7 +96,7 @@ def main() -> None:
             for load in (0, args.burners):
                 for version, src in versions.items():
                     if version == "baseline" and load and args.loaded_baseline:
-                        t = args.loaded_baseline[args.jobs.index(name)]
+                        t = args.loaded_baseline[("train", "evaluate").index(name)]  # TRAIN_S EVALUATE_S
                         times.setdefault((name, version, load), []).append(t)
                         continue
                     t = timed(job(name, version), clean_env(src), load)
