@@ -249,7 +249,14 @@ def main() -> None:
         bare1 = bare_rate(run, h, args.k, 1, args.runtime)
         b, u = med[("batched", args.clients)], med[("unbatched", args.clients)]
         b1, u1 = med[("batched", 1)], med[("unbatched", 1)]
-        out[size] = {"batched": b, "unbatched": u, "batched1": b1, "unbatched1": u1, "bare": bare, "bare1": bare1}
+        out[size] = {
+            "batched": b,
+            "unbatched": u,
+            "batched1": b1,
+            "unbatched1": u1,
+            "bare": bare,
+            "bare1": bare1,
+        }
         print(
             f"{size} px, k={args.k}, runtime {args.runtime}, {args.load_generator} load: {args.clients} clients {b['rps']:.0f} vs {u['rps']:.0f} req/s "
             f"({b['rps'] / u['rps']:.2f}x), {b['rows']:.1f} rows per batch; 1 client p50 {b1['p50']:.2f} vs "
