@@ -29,7 +29,9 @@ def torch_rule(name: str, threshold: float, probs: list[torch.Tensor], k: int) -
             norm = ent / math.log(p.shape[1]) if p.shape[1] > 1 else torch.zeros_like(ent)
             stop = norm.clamp(0.0, 1.0) <= threshold
         elif name == "ee":
-            stop = conf >= threshold
+            # Above 1 in float64: the old code rounded a threshold a hair above 1 to float32's 1.0 and stopped at
+            # a probability of exactly 1, against its own rule (alpha > 1 never stops); the numpy rule does not.
+            stop = conf >= threshold if threshold <= 1.0 else conf.double() >= threshold
         else:
             stop = torch.zeros_like(label, dtype=torch.bool)
         return Decision(stop, label, conf.to(torch.float32))
