@@ -190,8 +190,8 @@ def new_app(
     most `max_concurrency` requests in progress (ConcurrencyLimit), and the router for its protected routes
     (bearer token `token`, None: open; BearerAuth guards every route but /healthz and the docs); include the
     router once its routes are declared; `app.state.direct_routes` maps (method, path) of the hot routes to their
-    handlers, taken past the router (DirectRoutes). `health` adds fields to /healthz's {"status": "ok"}, read at each call
-    (keep it cheap). DocsAssetsMissing if the docs' assets are not installed."""
+    handlers, taken past the router (DirectRoutes). `health` adds fields to /healthz's {"status": "ok"}, read at
+    each call (keep it cheap). DocsAssetsMissing if the docs' assets are not installed."""
     check_max_concurrency(max_concurrency)
     app = fastapi.FastAPI(
         title=title, version="1", description=description or "", docs_url=None, redoc_url=None
