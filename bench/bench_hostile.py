@@ -92,15 +92,30 @@ def exchange(port: int, raw: bytes, *, cut: bool = False, timeout: float = 30.0)
 
 
 def request(
-    method: str, path: str, body: bytes = b"", *, token: str | None, ctype: str | None, extra: str = ""
+    method: str,
+    path: str,
+    body: bytes = b"",
+    *,
+    token: str | None,
+    ctype: str | None,
+    extra: str = "",
+    length: bool = True,
 ) -> bytes:
-    """One HTTP/1.1 request, Connection: close."""
-    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
+    """One HTTP/1.1 request, Connection: close (`length` False: no Content-Length, the caller frames the body)."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    if length:
+        head += f"Content-Length: {len(body)}\r\n"
     if token is not None:
         head += f"Authorization: Bearer {token}\r\n"
     if ctype is not None:
         head += f"Content-Type: {ctype}\r\n"
     return (head + extra + "\r\n").encode() + body
+
+
+def framed_classify(token: str | None, framing: str, body: bytes = b"") -> bytes:
+    """POST /v1/classify of a PNG whose body framing header (`framing`: a Content-Length or Transfer-Encoding
+    line, as given, however wrong) is written by hand."""
+    return request("POST", "/v1/classify", token=token, ctype="image/png", length=False, extra=framing) + body
 
 
 # ---------------------------------------------------------------------------------------------------- images
@@ -332,24 +347,15 @@ def main() -> None:
             if kind == 3:
                 return "odd method", port, request("DELETE", "/v1/classify", token=token, ctype=None), False
             if kind == 4:
-                raw = (
-                    f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}"
-                    "\r\nContent-Type: image/png\r\nContent-Length: 99999999999\r\n\r\nabc"
-                ).encode()
+                raw = framed_classify(token, "Content-Length: 99999999999\r\n", b"abc")
                 return "declared over limit", port, raw, False
             if kind == 5:
-                raw = (
-                    f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}"
-                    "\r\nContent-Type: image/png\r\nContent-Length: abc\r\n\r\n"
-                ).encode()
+                raw = framed_classify(token, "Content-Length: abc\r\n")
                 return "bad content-length", port, raw, False
             if kind == 6:
                 big = b"0" * (1 << 20)
                 chunked = b"".join(b"%x\r\n%s\r\n" % (len(big), big) for _ in range(20)) + b"0\r\n\r\n"
-                raw = (
-                    f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}"
-                    "\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n"
-                ).encode() + chunked
+                raw = framed_classify(token, "Transfer-Encoding: chunked\r\n", chunked)
                 return "chunked over limit", port, raw, False
             if kind == 7:
                 return (
