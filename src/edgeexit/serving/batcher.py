@@ -140,15 +140,25 @@ class Batcher(Generic[Item, Result]):
         """One request's batch run here, on the event loop (the batcher is idle; see the module docstring)."""
         t0 = time.perf_counter()
         try:
-            results = self.run(key, [item])
-            if len(results) != 1:
-                raise RuntimeError(f"{len(results)} results for 1 request")
+            results = self._compute(key, [item])
         except Exception as exc:
             log.warning("batch of %d rows (1 request, key %s) failed: %r", rows, key, exc)
             raise BatchFailed(_failed(rows, exc)) from None
-        self._last[key] = (rows, time.perf_counter() - t0)
-        self._alone[key] = True
+        self._note(key, rows, 1, time.perf_counter() - t0)
         return results[0]
+
+    def _compute(self, key: Hashable, items: list[Item]) -> Sequence[Result]:
+        """`run` on one batch, checked to give one result per item."""
+        results = self.run(key, items)
+        if len(results) != len(items):
+            raise RuntimeError(f"{len(results)} results for {len(items)} requests")
+        return results
+
+    def _note(self, key: Hashable, rows: int, requests: int, seconds: float) -> None:
+        """Remember a finished batch of `key`: what the adaptive hold and the inline path judge by."""
+        self._last[key] = (rows, seconds)
+        self._alone[key] = requests == 1
+        log.debug("batch of %d rows (%d requests) in %.2f ms", rows, requests, seconds * 1e3)
 
     def _rows_waiting(self, key: Hashable) -> int:
         return sum(j.rows for j in self._jobs if j.key == key and not j.future.done())
@@ -225,19 +235,14 @@ class Batcher(Generic[Item, Result]):
         t0 = time.perf_counter()
         self._computing = True
         try:
-            results = await asyncio.to_thread(self.run, key, [j.item for j in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(f"{len(results)} results for {len(batch)} requests")
+            results = await asyncio.to_thread(self._compute, key, [j.item for j in batch])
         except Exception as exc:
             log.warning("batch of %d rows (%d requests, key %s) failed: %r", rows, len(batch), key, exc)
             self._fail(batch, _failed(rows, exc))
             return
         finally:
             self._computing = False
-        seconds = time.perf_counter() - t0
-        self._last[key] = (rows, seconds)
-        self._alone[key] = len(batch) == 1
-        log.debug("batch of %d rows (%d requests) in %.2f ms", rows, len(batch), seconds * 1e3)
+        self._note(key, rows, len(batch), time.perf_counter() - t0)
         for job, result in zip(batch, results, strict=True):
             if not job.future.done():
                 job.future.set_result(result)

@@ -66,6 +66,12 @@ def error(status: int, detail: str, headers: dict[str, str] | None = None) -> fa
     return fastapi.HTTPException(status_code=status, detail=_one_line(detail), headers=headers)
 
 
+def _app_path(scope: dict[str, Any]) -> str:
+    """The request's path within the app: without the root path a proxy mounted it under."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 class BearerAuth:
     """ASGI middleware: 401 unless a request carries `Authorization: Bearer <token>`, on every path but the open
     ones (/healthz and the API docs: OPEN_PATHS, and the docs' assets). It answers before the body is read.
@@ -81,10 +87,7 @@ class BearerAuth:
 
     @staticmethod
     def _is_protected(scope: dict[str, Any]) -> bool:
-        path = scope["path"]
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :]
+        path = _app_path(scope)
         return path not in OPEN_PATHS and not path.startswith(ASSETS_URL + "/")
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -156,10 +159,7 @@ class DirectRoutes:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         handler = None
         if scope["type"] == "http":
-            path = scope["path"]
-            root = scope.get("root_path", "")
-            if root and path.startswith(root):
-                path = path[len(root) :]
+            path = _app_path(scope)
             handler = self.routes.get((scope["method"], path))
         if handler is None:
             await self.app(scope, receive, send)

@@ -83,30 +83,27 @@ class _OneWritePerTurn:
 
     def write(self, data: bytes) -> None:
         if self._size + len(data) > JOIN_MAX_BYTES:
-            self._flush()
+            self.flush()
             self._transport.write(data)
             return
         if not self._pending:
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.flush)
         self._pending.append(data)
         self._size += len(data)
 
     def flush(self) -> None:
-        """Write what was gathered now (the answer is complete)."""
-        self._flush()
-
-    def _flush(self) -> None:
+        """Write what was gathered, now (at the end of the turn, or when the answer is complete)."""
         pending, self._pending, self._size = self._pending, [], 0
         if not pending or self._transport.is_closing():
             return
         self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def close(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.close()
 
     def write_eof(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.write_eof()
 
     def abort(self) -> None:
