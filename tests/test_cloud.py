@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import re
@@ -535,3 +536,25 @@ def test_hot_routes_taken_past_the_router_answer_as_routed_ones(cloud: Cloud, ht
     assert r.status_code == 400 and set(r.json()) == {"detail"}
     r = http.post("/v1/offload?x=1", content=_payload(cloud, 2)[0])  # a query string does not matter
     assert r.status_code == 200 and r.json()["k"] == 2
+
+
+def test_under_a_root_path_hot_routes_and_the_token_still_apply(cloud: Cloud) -> None:
+    # Behind a proxy that mounts the app under /api, paths arrive with the root path in front (ASGI spec).
+    app = create_cloud_app(Path("unused"), models=cloud.models, token="s3cret")
+
+    async def go() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app, root_path="/api")
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            octet = {"Content-Type": "application/octet-stream"}
+            return [
+                await c.get("/api/healthz"),
+                await c.post("/api/v1/offload", content=b"junk", headers=octet),
+                await c.post(
+                    "/api/v1/offload", content=b"junk", headers={**octet, "Authorization": "Bearer s3cret"}
+                ),
+            ]
+
+    healthz, denied, junk = asyncio.run(go())
+    assert healthz.status_code == 200 and healthz.json() == {"status": "ok"}
+    assert denied.status_code == 401
+    assert junk.status_code == 400 and "payload" in junk.json()["detail"]
